@@ -1,0 +1,76 @@
+"""Shared test tools: the tolerance table, the comparison rule against reference/, shape lists with readable ids."""
+
+import os
+from typing import NamedTuple
+
+import torch
+
+
+class Tolerance(NamedTuple):
+    atol: float
+    rtol: float
+    floor: float  # least absolute slack added to twice the low-precision reference's error (rule a)
+
+
+# DESIGN.md §4 (b): per-dtype ceilings (xformers' attention numbers), forward and backward.
+TOLERANCES: dict[tuple[torch.dtype, str], Tolerance] = {
+    (torch.float64, "fwd"): Tolerance(1e-10, 1e-10, 1e-12),
+    (torch.float64, "bwd"): Tolerance(1e-10, 1e-10, 1e-12),
+    (torch.float32, "fwd"): Tolerance(1e-4, 1e-5, 1e-6),
+    (torch.float32, "bwd"): Tolerance(1e-4, 1e-5, 1e-6),
+    (torch.float16, "fwd"): Tolerance(4e-3, 4e-3, 1e-4),
+    (torch.float16, "bwd"): Tolerance(2e-2, 2e-2, 1e-3),
+    (torch.bfloat16, "fwd"): Tolerance(2e-2, 2e-2, 1e-3),
+    (torch.bfloat16, "bwd"): Tolerance(1e-1, 1e-1, 1e-2),
+}
+
+
+def _describe(err: torch.Tensor) -> str:
+    worst = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape)) if err.numel() else ()
+    return f"max error {err.max().item():.3e} at {worst}, mean error {err.mean().item():.3e}"
+
+
+def assert_close_to_ref(
+    name: str,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    low_precision_ref: torch.Tensor | None = None,
+    *,
+    kind: str = "fwd",
+) -> None:
+    """DESIGN §4: ``actual`` (any dtype) against ``expected`` (reference in fp64).
+
+    (a) error ≤ 2 × error of ``low_precision_ref`` (the reference run in actual's dtype) + floor, when given;
+    (b) |actual − expected| ≤ atol + rtol·|expected| with the dtype's ceilings.
+    NaN must appear exactly where the reference has NaN; ±Inf must match.
+    """
+    tol = TOLERANCES[(actual.dtype, kind)]
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != reference {tuple(expected.shape)}"
+    actual64, expected64 = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nan_a, nan_e = actual64.isnan(), expected64.isnan()
+    assert torch.equal(nan_a, nan_e), f"{name}: NaN at {int(nan_a.sum())} places, reference at {int(nan_e.sum())}"
+    inf_e = expected64.isinf()
+    assert torch.equal(actual64[inf_e], expected64[inf_e]), f"{name}: infinities differ from the reference"
+    finite = ~(nan_e | inf_e)
+    err = torch.where(finite, actual64 - expected64, 0.0).abs()
+    bound = tol.atol + tol.rtol * torch.where(finite, expected64, 0.0).abs()
+    assert bool((err <= bound).all()), f"{name} ({actual.dtype}, {kind}) beyond atol/rtol {tol[:2]}: {_describe(err)}"
+    if low_precision_ref is not None:
+        ref_err = torch.where(finite, low_precision_ref.detach().double().cpu() - expected64, 0.0).abs()
+        # FlashAttention's test rule adds twice the rounding of the values themselves in actual's dtype (its
+        # ((ref + 0.3) − 0.3) − ref); we take that spacing exactly, eps · max|ref|, rather than its luck of the draw.
+        rounding = torch.finfo(actual.dtype).eps * torch.where(finite, expected64, 0.0).abs().max().item()
+        limit = 2 * ref_err.max().item() + max(tol.floor, 2 * rounding)
+        assert err.max().item() <= limit, (
+            f"{name} ({actual.dtype}, {kind}): {_describe(err)} > 2 × reference's own error "
+            f"{ref_err.max().item():.3e} + {max(tol.floor, 2 * rounding):.1e}"
+        )
+
+
+def quick(params: list) -> list:
+    """The whole list, or its first two entries under ``pytest --quick``."""
+    return params[:2] if os.environ.get("CRATE_KERNELS_QUICK_TESTS") == "1" else params
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
