@@ -1,0 +1,219 @@
+"""The training loop: the same code on one CPU, one GPU, or many under torchrun (DDP or FSDP2)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import crate_kernels
+from crate_kernels.train import checkpoint, distributed
+from crate_kernels.train.config import ConfigError, TrainConfig
+from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
+from crate_kernels.train.distributed import Context
+from crate_kernels.train.optim import build_optimizer, build_scheduler
+from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, layer_table, plot_run
+
+NOT_RESUMED = {"max_steps", "progress"}  # config keys a resumed run may change without being another run
+
+
+class Metrics:
+    """``DIR/metrics.jsonl`` (one JSON object per record) and TensorBoard when importable; rank 0 only."""
+
+    def __init__(self, run_dir: Path, ctx: Context, resume_step: int, tensorboard: bool):
+        self.path, self.enabled, self.writer = run_dir / "metrics.jsonl", ctx.is_main, None
+        if not self.enabled:
+            return
+        # A resumed run drops what was logged after its checkpoint, so each step appears once.
+        kept = [r for r in self.records() if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard:
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: peak bytes held by tensors; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Context, autocast) -> dict[str, float]:
+    """Held-out metrics over the whole split (each rank a share, summed across ranks)."""
+    model.eval()
+    sums = torch.zeros(1 + len(task.eval_names), dtype=torch.float64)
+    micro = cfg.optim.batch_size // (ctx.world_size * cfg.optim.grad_accum)
+    for i, (x, y) in enumerate(eval_batches(val, micro, ctx.world)):
+        with autocast():
+            sums += task.eval_sums(model, x.to(ctx.device), y.to(ctx.device), batch=i * ctx.world_size + ctx.rank)
+    model.train()
+    return task.metrics(distributed.all_reduce(sums.to(ctx.device), ctx).cpu())
+
+
+def train(cfg: TrainConfig) -> dict[str, float]:
+    """Run (or resume, from the last checkpoint in ``cfg.out``) the training ``cfg`` describes.
+
+    Returns the final held-out metrics (``eval_loss``, ``eval_accuracy``, ...). Raises ``ConfigError`` before any
+    training step when the configuration cannot work.
+    """
+    try:
+        cfg = cfg.resolved()
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+    ctx = distributed.setup(cfg.parallel, cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
+    run_dir = Path(cfg.out)
+    task = TASK_CLASSES[cfg.task.name](cfg)
+    micro_batch, remainder = divmod(cfg.optim.batch_size, ctx.world_size * cfg.optim.grad_accum)
+    try:
+        if remainder or micro_batch == 0:
+            raise ValueError(
+                f"--optim.batch_size {cfg.optim.batch_size} must be a multiple of world size {ctx.world_size} × "
+                f"--optim.grad_accum {cfg.optim.grad_accum}"
+            )
+        crate_kernels.set_backend(cfg.model.backend)
+        train_set, val_set = load_dataset(cfg.data, task.text)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
+        model = build_model(cfg, task, train_set)
+        batches_per_epoch(len(train_set), cfg.optim.batch_size)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+
+    model = distributed.wrap(model.to(ctx.device), ctx)
+    base = getattr(model, "module", model)  # under DDP, the model itself (for names and attributes)
+    optimizer, scheduler = build_optimizer(base, cfg), None
+    scheduler = build_scheduler(optimizer, cfg)
+    forward = torch.compile(model) if cfg.model.compile else model
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.precision, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
+    )
+    autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
+
+    found, step = checkpoint.checkpoints(run_dir), 0
+    if found:
+        step = checkpoint.load(found[-1], model, optimizer, scheduler, ctx)
+    if ctx.is_main:
+        _save_config(cfg, run_dir, resumed=bool(found))
+    metrics = Metrics(run_dir, ctx, step, cfg.tensorboard)
+    seq_len = train_set.block_size if isinstance(train_set, TextSet) else 0
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.last_step, initial=step, disable=not (ctx.is_main and cfg.progress), desc="train")
+    tick, last_logged, evaluated = time.perf_counter(), step, None
+    while step < cfg.last_step:
+        micro = rank_micro_batches(
+            train_set, step, cfg.data, cfg.optim.batch_size, cfg.optim.grad_accum, cfg.seed, ctx.world
+        )
+        lr = scheduler.get_last_lr()[0]
+        step_loss = torch.zeros((), device=ctx.device)
+        for k, (x, y) in enumerate(micro):
+            generator = torch.Generator().manual_seed(hash((cfg.seed, step, ctx.rank, k)) & (2**62 - 1))
+            with distributed.sync_gradients(model, ctx, sync=k == len(micro) - 1):
+                with autocast():
+                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator) / len(micro)
+                scaler.scale(loss).backward()
+            step_loss += loss.detach().float()
+        if cfg.optim.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        step += 1
+        train_loss = float(distributed.all_reduce(step_loss, ctx, op="mean"))
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+
+        if step % cfg.log_every == 0 or step == cfg.last_step:
+            elapsed = time.perf_counter() - tick
+            samples = (step - last_logged) * cfg.optim.batch_size
+            record = {"step": step, "train_loss": train_loss, "lr": lr, "samples_per_s": samples / elapsed}
+            if seq_len:
+                record["tokens_per_s"] = samples * seq_len / elapsed
+            metrics.log(record | {"peak_mem_mb": peak_memory_mb(ctx.device)})
+        if step % cfg.eval_every == 0 or step == cfg.last_step:
+            evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
+            metrics.log({"step": step} | evaluated)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+        if step % cfg.ckpt_every == 0 or step == cfg.last_step:
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last)
+        if step % cfg.log_every == 0 or step % cfg.eval_every == 0:
+            tick, last_logged = time.perf_counter(), step  # throughput leaves evaluation and checkpoints out
+    bar.close()
+
+    if evaluated is None:  # nothing left to train: report on the finished run
+        evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
+    _report(task, model, base, val_set, evaluated, metrics, run_dir, ctx, autocast)
+    if cfg.export:
+        checkpoint.export_safetensors(model, run_dir / "model.safetensors", ctx)
+    metrics.close()
+    return evaluated
+
+
+def _report(task, model, base, val_set, evaluated, metrics, run_dir, ctx, autocast) -> None:
+    """Final artefacts: the task's (picture, sample), the per-layer table, the plot; printed on rank 0."""
+    model.eval()
+    lines = [f"held-out {k.removeprefix('eval_')}: {v:.4f}" for k, v in evaluated.items()]
+    if "eval_accuracy" in evaluated:
+        lines.append(f"held-out accuracy: {100 * evaluated['eval_accuracy']:.2f}% ({len(val_set)} samples)")
+    with autocast():
+        lines += task.finish(model, val_set, run_dir, ctx.is_main)
+        rows = []
+        if hasattr(base, "transformer"):
+            x, _ = val_set.batch(torch.arange(min(256, len(val_set))))
+            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+                torch.manual_seed(0)
+                rows = layer_table(model, x.to(ctx.device))
+            lines += format_table(rows)
+    if ctx.is_main:
+        plot_run(metrics.records(), rows, run_dir / "metrics.png")
+        lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
+        print("\n".join(lines), flush=True)
+
+
+def _save_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
+    """The resolved config as ``DIR/config.json`` (loadable with ``--config``); warn when a resume changes it."""
+    path = run_dir / "config.json"
+    new = cfg.to_dict()
+    if resumed and path.is_file():
+        old = json.loads(path.read_text())
+        changed = sorted(k for k in new if k not in NOT_RESUMED and json.dumps(old.get(k)) != json.dumps(new[k]))
+        if changed:
+            print(f"warning: resuming {run_dir} with a changed config ({', '.join(changed)}): not the same run")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(new, indent=2) + "\n")

@@ -1,0 +1,312 @@
+"""The four objectives: what a batch's loss is, what evaluation measures, and what a finished run leaves behind.
+
+- ``classify``: cross-entropy with label smoothing, optional mixup; held-out loss and accuracy.
+- ``mae``: CRATE-MAE masked completion (the model returns its reconstruction loss on masked patches); a picture of
+  originals, masked inputs and completions.
+- ``lm``: causal character-level LM (next-character cross-entropy); perplexity; a generated sample.
+- ``mlm``: BERT-style masked LM (mask 15 %: 80 % [MASK], 10 % random, 10 % kept); loss and accuracy on masked tokens.
+Inputs/targets come from ``data.py``: images (b, C, H, W) with labels (b,), or token windows (b, T) with the
+next-token windows (b, T).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crate_kernels.train.config import TrainConfig, parse_model_args
+from crate_kernels.train.data import TEXT_VOCAB, ImageSet, TextSet, decode_text, encode_text
+
+
+class Task:
+    """Shared shape of every objective; subclasses fill in the loss, the evaluation sums and the final artefacts."""
+
+    text = False
+    eval_names: tuple[str, ...] = ("loss",)  # what ``eval_sums`` returns, after the sample count
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def data_overrides(self, train: ImageSet | TextSet) -> dict[str, Any]:
+        """Constructor arguments the data dictates (image size, channels, classes)."""
+        C, H, _ = train.images.shape[1:]
+        return {"image_size": H, "channels": C}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eval_sums(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """(1 + len(eval_names),) float64: sample count, then the sums of each evaluation quantity."""
+        raise NotImplementedError
+
+    def metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        count = max(float(sums[0]), 1.0)
+        return {f"eval_{name}": float(s) / count for name, s in zip(self.eval_names, sums[1:], strict=True)}
+
+    def finish(self, model: nn.Module, val: ImageSet | TextSet, run_dir: Path, is_main: bool) -> list[str]:
+        """Artefacts of a finished run (collective under FSDP2: every rank calls it); returns lines to print."""
+        return []
+
+
+class Classify(Task):
+    eval_names = ("loss", "accuracy")
+
+    def data_overrides(self, train: ImageSet) -> dict[str, Any]:
+        return super().data_overrides(train) | {"num_classes": train.num_classes}
+
+    def loss(self, model, x, y, generator):
+        if self.cfg.task.mixup > 0:
+            # Mix each sample with its mirror in the micro-batch; one Beta(a, a) weight per micro-batch.
+            lam = _beta(self.cfg.task.mixup, generator)
+            logits = model(lam * x + (1 - lam) * x.flip(0))
+            smooth = self.cfg.task.label_smoothing
+            return lam * F.cross_entropy(logits, y, label_smoothing=smooth) + (1 - lam) * F.cross_entropy(
+                logits, y.flip(0), label_smoothing=smooth
+            )
+        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.task.label_smoothing)
+
+    def eval_sums(self, model, x, y, batch):
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        correct = (logits.argmax(-1) == y).sum()
+        return torch.stack([torch.tensor(len(y)), loss.cpu(), correct.cpu()]).double()
+
+
+def _beta(a: float, generator: torch.Generator) -> float:
+    """Beta(a, a) drawn from a seeded generator (torch's Beta sampler takes none), leaving the global RNG alone."""
+    seed = int(torch.randint(2**62, (), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return float(torch.distributions.Beta(a, a).sample())
+
+
+class MAE(Task):
+    def loss(self, model, x, y, generator):
+        loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio)
+        return loss
+
+    def eval_sums(self, model, x, y, batch):
+        # Fixed masks per evaluation batch, so evaluations at different steps are comparable.
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(batch)
+            loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio)
+        return torch.stack([torch.tensor(len(x)), loss.detach().float().cpu() * len(x)]).double()
+
+    def finish(self, model, val, run_dir, is_main):
+        """A picture: originals, masked inputs (masked patches grey) and the model's completions, 8 images."""
+        x, _ = val.batch(torch.arange(min(8, len(val))))
+        x = x.to(next(model.parameters()).device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(0)
+            _, _, mask = model(x, mask_ratio=self.cfg.task.mask_ratio)
+            torch.manual_seed(0)  # the same masks again
+            completed = model.reconstruct(x, mask_ratio=self.cfg.task.mask_ratio)
+        if not is_main:
+            return []
+        p = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[0]
+        H, W = x.shape[-2:]
+        patch_mask = mask.reshape(len(x), 1, H // p, W // p).repeat_interleave(p, 2).repeat_interleave(p, 3)
+        unnorm = lambda t: (t.float().cpu() * val.std[:, None, None] + val.mean[:, None, None]).clamp(0, 1)  # noqa: E731
+        rows = [unnorm(x), unnorm(x) * (1 - patch_mask.cpu()) + 0.5 * patch_mask.cpu(), unnorm(completed)]
+        path = run_dir / "reconstruction.png"
+        _image_grid(rows, ["original", "masked", "completed"], path)
+        return [f"masked completions: {path}"]
+
+
+class LM(Task):
+    text = True
+    eval_names = ("loss",)
+
+    def data_overrides(self, train):
+        return {"block_size": self.cfg.data.block_size} if self.cfg.data.block_size else {}
+
+    def loss(self, model, x, y, generator):
+        logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    def eval_sums(self, model, x, y, batch):
+        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum") / y.shape[1]
+        return torch.stack([torch.tensor(len(x)), loss.cpu()]).double()
+
+    def metrics(self, sums):
+        out = super().metrics(sums)
+        return out | {"eval_perplexity": math.exp(min(out["eval_loss"], 50.0))}
+
+    def finish(self, model, val, run_dir, is_main):
+        prompt = encode_text("The ")[None].to(next(model.parameters()).device)
+        with torch.no_grad(), torch.random.fork_rng(devices=[prompt.device] if prompt.is_cuda else []):
+            torch.manual_seed(0)  # every rank draws the same sample (FSDP2 runs the forward collectively)
+            ids = model.generate(prompt, self.cfg.task.sample_tokens, temperature=0.8, top_k=20)
+        text = decode_text(ids[0].cpu())
+        if is_main:
+            (run_dir / "sample.txt").write_text(text)
+        return ["sample:", text]
+
+
+class MLM(Task):
+    text = True
+    eval_names = ("loss", "accuracy")
+
+    data_overrides = LM.data_overrides
+
+    def _mask(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked inputs (b, T) and targets (b, T) with -100 where nothing is predicted."""
+        u = torch.rand(x.shape, generator=generator).to(x.device)
+        chosen = u < self.cfg.task.mlm_probability
+        kind = torch.rand(x.shape, generator=generator).to(x.device)
+        random_ids = torch.randint(0, TEXT_VOCAB - 1, x.shape, generator=generator).to(x.device)
+        inputs = torch.where(chosen & (kind < 0.8), model_attr(model, "mask_token_id"), x)
+        inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
+        return inputs, torch.where(chosen, x, -100)
+
+    def loss(self, model, x, y, generator):
+        inputs, targets = self._mask(model, x, generator)
+        return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+    def eval_sums(self, model, x, y, batch):
+        inputs, targets = self._mask(model, x, torch.Generator().manual_seed(batch))
+        logits = model(inputs).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()
+        return torch.stack([(targets >= 0).sum().cpu(), loss.cpu(), correct.cpu()]).double()
+
+
+TASK_CLASSES = {"classify": Classify, "mae": MAE, "lm": LM, "mlm": MLM}
+
+
+def model_attr(model: nn.Module, name: str) -> Any:
+    """An attribute of the model inside DDP / torch.compile wrappers."""
+    inner = getattr(model, "_orig_mod", model)
+    return getattr(getattr(inner, "module", inner), name)
+
+
+def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> nn.Module:
+    """``crate_kernels.create_model(--model, **data overrides, **--model.args)``; clear errors for bad names/args."""
+    import crate_kernels
+
+    names = crate_kernels.list_models()
+    if cfg.model.name not in names:
+        close = difflib.get_close_matches(cfg.model.name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(names)}"
+        raise ValueError(f"--model: unknown model {cfg.model.name!r}{hint}")
+    user = parse_model_args(cfg.model.args)
+    derived = task.data_overrides(train)
+    for key in ("image_size", "channels"):
+        if key in user and user[key] != derived.get(key):
+            raise ValueError(
+                f"--model.args {key}={user[key]!r} does not match the data ({derived.get(key)!r}); "
+                "resize with --data.image_size or pick another model"
+            )
+    try:
+        model = crate_kernels.create_model(cfg.model.name, **(derived | user))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--model {cfg.model.name} with arguments {derived | user}: {err}") from err
+    if task.text:
+        vocab, block = model.vocab_size, model.block_size
+        if vocab < TEXT_VOCAB:
+            raise ValueError(f"--model {cfg.model.name}: vocab_size {vocab} < {TEXT_VOCAB} (ASCII characters)")
+        train.block_size = block
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+# ---- the white-box report: per-layer compression and sparsity ----
+
+
+@torch.no_grad()
+def layer_table(model: nn.Module, x: torch.Tensor, eps: float = 0.01) -> list[dict[str, float]]:
+    """Per layer ℓ of ``model.transformer.layers`` on inputs ``x``: the compression term and the ISTA sparsity.
+
+    compression: R^c = ½ Σ_heads logdet(I_N + P/(N·ε)·X Xᵀ) of the L2-normalised per-head projections
+    ``qkv(LN(z^ℓ))`` (B, H, N, P), averaged over the batch (DESIGN.md §1.5; lower = more compressed);
+    sparsity: share of exact zeros in the ISTA block's output (higher = sparser).
+    """
+    layers = model.transformer.layers
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for i, (attn, ista) in enumerate(layers):
+        hooks.append(attn.fn.qkv.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__((i, "w"), out)))
+        hooks.append(ista.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__((i, "z"), out)))
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for i, (attn, _) in enumerate(layers):
+        w = captured[(i, "w")].float()
+        B, N, _ = w.shape
+        H = attn.fn.heads
+        w = F.normalize(w.view(B, N, H, -1).transpose(1, 2), dim=-1)  # (B, H, N, P)
+        P = w.shape[-1]
+        gram = torch.eye(N, device=w.device) + (P / (N * eps)) * (w @ w.transpose(-1, -2))
+        compression = 0.5 * torch.logdet(gram.double()).sum(dim=1).mean()
+        sparsity = (captured[(i, "z")] == 0).float().mean()
+        rows.append({"layer": i, "compression": float(compression), "sparsity": float(sparsity)})
+    return rows
+
+
+def format_table(rows: list[dict[str, float]]) -> list[str]:
+    lines = ["layer  compression R^c  sparsity (zeros in ISTA output)"]
+    lines += [f"{r['layer']:>5}  {r['compression']:>15.2f}  {r['sparsity']:>8.3f}" for r in rows]
+    return lines
+
+
+def _image_grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> None:
+    """Rows of images (b, C, H, W) in [0, 1], one titled row each, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = rows[0].shape[0]
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.3 * len(rows)), squeeze=False)
+    for r, (images, title) in enumerate(zip(rows, titles, strict=True)):
+        for c in range(cols):
+            image = images[c].permute(1, 2, 0).numpy()
+            axes[r][c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+            axes[r][c].axis("off")
+        axes[r][0].set_title(title, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_run(records: list[dict[str, Any]], rows: list[dict[str, float]], path: Path) -> None:
+    """Training curves (train loss, held-out metrics) and, when given, the per-layer compression/sparsity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(13 if rows else 9, 3.5))
+    train = [r for r in records if "train_loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    axes[0].plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
+    axes[0].set(xlabel="step", ylabel="loss", title="loss")
+    axes[0].legend()
+    metric = next((k for k in ("eval_accuracy", "eval_perplexity") if evals and k in evals[-1]), None)
+    if metric:
+        axes[1].plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
+    axes[1].set(xlabel="step", title=metric or "lr")
+    if not metric:
+        axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    if rows:
+        layer = [r["layer"] for r in rows]
+        axes[2].plot(layer, [r["compression"] for r in rows], "o-", color="C0")
+        axes[2].set(xlabel="layer", title="compression R^c (↓) and sparsity (↑)")
+        axes[2].set_ylabel("compression R^c", color="C0")
+        twin = axes[2].twinx()
+        twin.plot(layer, [r["sparsity"] for r in rows], "s-", color="C1")
+        twin.set_ylabel("sparsity", color="C1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

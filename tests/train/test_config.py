@@ -1,0 +1,66 @@
+import json
+
+import pytest
+
+from crate_kernels.train.config import ConfigError, TrainConfig, from_flat, parse_args, parse_model_args
+
+
+def test_config_defaults_are_the_digits_demo():
+    cfg = parse_args([])
+    assert (cfg.task.name, cfg.model.name, cfg.data.name, cfg.parallel) == ("classify", "crate_demo", "digits", "none")
+    assert cfg.last_step == cfg.steps
+
+
+def test_config_task_picks_its_demo_model_and_data():
+    cfg = parse_args(["--task", "lm"])
+    assert (cfg.model.name, cfg.data.name) == ("crate_lm_demo", "pydoc")
+    assert parse_args(["--task", "mae"]).model.name == "crate_mae_demo"
+
+
+def test_config_flags_aliases_and_types():
+    cfg = parse_args(
+        ["--out", "x", "--max-steps", "7", "--model", "crate_demo", "--model-args", "dim=32,pool='mean'"]
+        + ["--optim.lr", "1e-4", "--optim.betas", "0.8,0.9", "--data.hflip", "true", "--parallel", "ddp"]
+    )
+    assert (cfg.out, cfg.max_steps, cfg.optim.lr, cfg.optim.betas, cfg.data.hflip) == ("x", 7, 1e-4, (0.8, 0.9), True)
+    assert parse_model_args(cfg.model.args) == {"dim": 32, "pool": "mean"}
+    assert parse_args(["--max_steps", "3"]).max_steps == 3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optim.lr", "fast"], "optim.lr: expected float"),
+        (["--steps", "1.5"], "steps: expected int"),
+        (["--data.hflip", "maybe"], "expected true/false"),
+        (["--optim.betas", "0.9"], "expected 2 comma-separated"),
+        (["--task", "segment"], "--task must be one of"),
+        (["--parallel", "zero"], "--parallel must be one of"),
+        (["--optim.batch_size", "0"], "--optim.batch_size must be >= 1"),
+        (["--model-args", "dim"], "expected 'name=value'"),
+    ],
+)
+def test_config_rejects_bad_values(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(argv)
+
+
+def test_config_unknown_flag_exits():
+    with pytest.raises(SystemExit):
+        parse_args(["--optim.learning_rate", "1"])
+
+
+def test_config_files_toml_and_json(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('steps = 50\n[optim]\nname = "lion"\nlr = 1\n[model]\nargs = "depth=2"\n')
+    cfg = parse_args(["--config", str(toml), "--optim.lr", "2e-4"])  # the flag wins over the file
+    assert (cfg.steps, cfg.optim.name, cfg.optim.lr, cfg.model.args) == (50, "lion", 2e-4, "depth=2")
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.to_dict()))
+    assert parse_args(["--config", str(saved)]) == cfg  # a run's saved config.json reproduces it
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optim]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        parse_args(["--config", str(bad)])
+    with pytest.raises(TypeError, match="optim.warmup_steps: expected int, got float"):
+        from_flat({"optim.warmup_steps": 1.5}, TrainConfig())
