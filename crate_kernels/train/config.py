@@ -82,6 +82,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
     parallel: str = "none"  # none | ddp | fsdp2 (under torchrun)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    cpu_threads: int = 1  # torch threads when training on CPU: small models run fastest on one; 0 = torch's default
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 10

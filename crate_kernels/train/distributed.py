@@ -72,7 +72,9 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
         mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
         blocks = getattr(getattr(model, "transformer", None), "layers", [])
         for block in blocks:
-            fully_shard(block, mesh=mesh)
+            # A CRATE block is upstream's ModuleList [PreNorm(MSSA), PreNorm(ISTA)] (no forward of its own):
+            # shard the pair as one unit, gathered once per block.
+            fully_shard(list(block) if isinstance(block, nn.ModuleList) else block, mesh=mesh)
         fully_shard(model, mesh=mesh)
     return model
 

@@ -69,9 +69,11 @@ def evaluate(task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Con
     model.eval()
     sums = torch.zeros(1 + len(task.eval_names), dtype=torch.float64)
     micro = cfg.optim.batch_size // (ctx.world_size * cfg.optim.grad_accum)
-    for i, (x, y) in enumerate(eval_batches(val, micro, ctx.world)):
+    for i, (x, y, weight) in enumerate(eval_batches(val, micro, ctx.world)):
         with autocast():
-            sums += task.eval_sums(model, x.to(ctx.device), y.to(ctx.device), batch=i * ctx.world_size + ctx.rank)
+            sums += weight * task.eval_sums(
+                model, x.to(ctx.device), y.to(ctx.device), batch=i * ctx.world_size + ctx.rank
+            )
     model.train()
     return task.metrics(distributed.all_reduce(sums.to(ctx.device), ctx).cpu())
 
@@ -87,9 +89,13 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
     ctx = distributed.setup(cfg.parallel, cfg.device)
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
     try:
         return _train(cfg, ctx)
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(ctx)
 
 
@@ -113,7 +119,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
 
     model = distributed.wrap(model.to(ctx.device), ctx)
     base = getattr(model, "module", model)  # under DDP, the model itself (for names and attributes)
-    optimizer, scheduler = build_optimizer(base, cfg), None
+    optimizer = build_optimizer(base, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     forward = torch.compile(model) if cfg.model.compile else model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
@@ -178,15 +184,18 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
 
     if evaluated is None:  # nothing left to train: report on the finished run
         evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
-    _report(task, model, base, val_set, evaluated, metrics, run_dir, ctx, autocast)
+    _report(task, base, val_set, evaluated, metrics, run_dir, ctx, autocast)
     if cfg.export:
         checkpoint.export_safetensors(model, run_dir / "model.safetensors", ctx)
     metrics.close()
     return evaluated
 
 
-def _report(task, model, base, val_set, evaluated, metrics, run_dir, ctx, autocast) -> None:
-    """Final artefacts: the task's (picture, sample), the per-layer table, the plot; printed on rank 0."""
+def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) -> None:
+    """Final artefacts: the task's (picture, sample), the per-layer table, the plot; printed on rank 0.
+
+    ``model`` is the model itself (inside DDP); under FSDP2 every rank runs these forwards together.
+    """
     model.eval()
     lines = [f"held-out {k.removeprefix('eval_')}: {v:.4f}" for k, v in evaluated.items()]
     if "eval_accuracy" in evaluated:
@@ -194,7 +203,7 @@ def _report(task, model, base, val_set, evaluated, metrics, run_dir, ctx, autoca
     with autocast():
         lines += task.finish(model, val_set, run_dir, ctx.is_main)
         rows = []
-        if hasattr(base, "transformer"):
+        if hasattr(model, "transformer"):
             x, _ = val_set.batch(torch.arange(min(256, len(val_set))))
             with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
                 torch.manual_seed(0)
