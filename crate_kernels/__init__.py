@@ -1,7 +1,7 @@
 """crate_kernels: fused Triton kernels, drop-in layers and models for CRATE (arXiv 2311.13110)."""
 
 from crate_kernels.backend import get_backend, not_supported_reasons, set_backend
-from crate_kernels.models import CRATE, create_model, list_models
+from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, create_model, list_models
 from crate_kernels.modules import ISTA, MSSA, OvercompleteISTA
 from crate_kernels.ops.ista import ista
 from crate_kernels.ops.ista_overcomplete import ista_overcomplete
@@ -9,8 +9,12 @@ from crate_kernels.ops.mssa import mssa
 
 __all__ = [
     "CRATE",
+    "CRATELM",
+    "CRATEMAE",
+    "CRATEMLM",
     "ISTA",
     "MSSA",
+    "CRATEAlpha",
     "OvercompleteISTA",
     "create_model",
     "get_backend",

@@ -22,6 +22,8 @@ class MSSA(nn.Module):
         dropout: on the attention probabilities (training only) and after the output projection, as upstream.
         out_bias: bias of the output projection (CRATE-α has none).
         is_causal: token i attends to tokens j ≤ i (the CRATE language model).
+        project_out: whether ``to_out`` holds a projection; None: upstream's rule, none when one head spans the
+            width (crate-lm always projects).
     """
 
     def __init__(
@@ -33,10 +35,11 @@ class MSSA(nn.Module):
         *,
         out_bias: bool = True,
         is_causal: bool = False,
+        project_out: bool | None = None,
     ):
         super().__init__()
         inner_dim = dim_head * heads
-        project_out = not (heads == 1 and dim_head == dim)
+        project_out = not (heads == 1 and dim_head == dim) if project_out is None else project_out
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
@@ -53,6 +56,8 @@ class MSSA(nn.Module):
         """x: (B, N, D); attn_mask: SDPA semantics (see ``crate_kernels.mssa``). Returns (B, N, D)."""
         B, N, _ = x.shape
         w = self.qkv(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)  # (B, H, N, P) view, no copy
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(w.dtype)  # an additive mask follows w into autocast's dtype
         if self.training and self.attn_dropout > 0:
             # The fused core has no attention dropout (every preset uses 0); SDPA serves this training-only case.
             mask = _sdpa_mask(attn_mask, N, self.is_causal, w.device)
