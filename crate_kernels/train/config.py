@@ -47,7 +47,7 @@ class DataConfig:
     name: str = ""  # digits | lfw | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
     val_fraction: float = 0.2  # held-out share for sets without an official split
     image_size: int = 0  # resize images to this side; 0 = the data's own size
-    crop_scale: float = 1.0  # random resized crop: smallest area share (1.0 = no crop)
+    crop_scale: float = 0.85  # random resized crop: smallest area share (1.0 = no crop)
     hflip: bool = False  # random horizontal flip (off for digits: a mirrored 2 is not a 2)
     block_size: int = 0  # text window; 0 = the model's block_size
 
@@ -55,7 +55,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adamw"  # adamw | lion
-    lr: float = 3e-3
+    lr: float = 5e-3
     min_lr: float = 3e-5  # cosine floor
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
@@ -78,7 +78,7 @@ class TaskConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     out: str = "runs/default"
-    steps: int = 600  # the schedule's total length
+    steps: int = 800  # the schedule's total length
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
     parallel: str = "none"  # none | ddp | fsdp2 (under torchrun)
     device: str = "auto"  # auto (cuda when present) | cpu | cuda

@@ -86,9 +86,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """
     try:
         cfg = cfg.resolved()
+        ctx = distributed.setup(cfg.parallel, cfg.device)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
-    ctx = distributed.setup(cfg.parallel, cfg.device)
     threads = torch.get_num_threads()
     if ctx.device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
@@ -113,6 +113,8 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         train_set, val_set = load_dataset(cfg.data, task.text)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
         model = build_model(cfg, task, train_set)
+        if task.text:
+            train_set.block_size = val_set.block_size = model.block_size
         batches_per_epoch(len(train_set), cfg.optim.batch_size)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
@@ -175,7 +177,8 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         if step % cfg.eval_every == 0 or step == cfg.last_step:
             evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
             metrics.log({"step": step} | evaluated)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
+            if ctx.is_main:
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         if step % cfg.ckpt_every == 0 or step == cfg.last_step:
             checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last)
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0:

@@ -207,11 +207,8 @@ def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> nn.M
         model = crate_kernels.create_model(cfg.model.name, **(derived | user))
     except (TypeError, ValueError) as err:
         raise ValueError(f"--model {cfg.model.name} with arguments {derived | user}: {err}") from err
-    if task.text:
-        vocab, block = model.vocab_size, model.block_size
-        if vocab < TEXT_VOCAB:
-            raise ValueError(f"--model {cfg.model.name}: vocab_size {vocab} < {TEXT_VOCAB} (ASCII characters)")
-        train.block_size = block
+    if task.text and model.vocab_size < TEXT_VOCAB:
+        raise ValueError(f"--model {cfg.model.name}: vocab_size {model.vocab_size} < {TEXT_VOCAB} (ASCII)")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import crate_kernels
 from crate_kernels.train import checkpoint
@@ -117,6 +118,7 @@ def test_train_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         ({"optim.batch_size": 16, "optim.grad_accum": 3}, "must be a multiple of world size 1"),
         ({"model.args": "dim=32,depht=2"}, "depht"),
         ({"optim.batch_size": 4096}, "larger than the training set"),
+        ({"parallel": "ddp"}, "must run under torchrun"),
     ],
 )
 def test_train_bad_config_fails_before_training(tmp_path, values, message):
@@ -142,19 +144,25 @@ def test_train_default_backend_smoke(tmp_path):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_train_two_processes_match_one(tmp_path, parallel):
-    """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses."""
+    """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses.
+
+    The two-process run stops at step 2 and resumes to 4 (FSDP2: from the sharded checkpoint).
+    """
     train(tiny(tmp_path / "single", max_steps=4))
-    flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--out={tmp_path / 'multi'}", "--max-steps=4"]
+    flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--out={tmp_path / 'multi'}", "--optim.grad_accum=2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "crate_kernels.train", f"--parallel={parallel}", "--optim.grad_accum=2", *flags]
+    command += ["-m", "crate_kernels.train", f"--parallel={parallel}", *flags]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for max_steps in (2, 4):
+        done = subprocess.run([*command, f"--max-steps={max_steps}"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
     single, multi = losses(tmp_path / "single" / "run"), losses(tmp_path / "multi")
     assert single.keys() == multi.keys() == {1, 2, 3, 4}
     for step in single:
         assert multi[step] == pytest.approx(single[step], rel=1e-5), step
-    assert checkpoint.checkpoints(tmp_path / "multi")  # the (sharded, for fsdp2) checkpoint was written
+    written = {p.name for p in (checkpoint.checkpoints(tmp_path / "multi")[-1]).iterdir()}
+    assert written >= {"train.pt", "rng_rank0.pt", "rng_rank1.pt"}
+    assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
 
 
 @pytest.mark.slow
@@ -164,3 +172,15 @@ def test_train_default_run_reaches_93_percent(tmp_path):
 
     result = train(dataclasses.replace(parse_args(["--out", str(tmp_path), "--progress", "false"])))
     assert result["eval_accuracy"] >= 0.93
+
+
+def test_checkpoint_rng_states_survive_weights_only_load(tmp_path):
+    import random
+
+    import numpy as np
+
+    path = tmp_path / "rng.pt"
+    checkpoint._save_file(checkpoint.rng_state(), path)
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    checkpoint.set_rng_state(torch.load(path, weights_only=True))
+    assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
