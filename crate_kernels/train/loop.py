@@ -140,7 +140,9 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=cfg.last_step, initial=step, disable=not (ctx.is_main and cfg.progress), desc="train")
+    bar = tqdm(
+        total=cfg.last_step, initial=step, disable=not (ctx.is_main and cfg.progress), desc="train", mininterval=1
+    )
     tick, last_logged, evaluated = time.perf_counter(), step, None
     while step < cfg.last_step:
         micro = rank_micro_batches(
@@ -165,7 +167,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         step += 1
         train_loss = float(distributed.all_reduce(step_loss, ctx, op="mean"))
         bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
         if step % cfg.log_every == 0 or step == cfg.last_step:
             elapsed = time.perf_counter() - tick
@@ -200,7 +202,7 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
     ``model`` is the model itself (inside DDP); under FSDP2 every rank runs these forwards together.
     """
     model.eval()
-    lines = [f"held-out {k.removeprefix('eval_')}: {v:.4f}" for k, v in evaluated.items()]
+    lines = [f"held-out {k.removeprefix('eval_')}: {v:.4f}" for k, v in evaluated.items() if k != "eval_accuracy"]
     if "eval_accuracy" in evaluated:
         lines.append(f"held-out accuracy: {100 * evaluated['eval_accuracy']:.2f}% ({len(val_set)} samples)")
     with autocast():

@@ -299,7 +299,7 @@ def plot_run(records: list[dict[str, Any]], rows: list[dict[str, float]], path: 
     if rows:
         layer = [r["layer"] for r in rows]
         axes[2].plot(layer, [r["compression"] for r in rows], "o-", color="C0")
-        axes[2].set(xlabel="layer", title="compression R^c (↓) and sparsity (↑)")
+        axes[2].set(xlabel="layer", xticks=layer, title="compression R^c (↓) and sparsity (↑)")
         axes[2].set_ylabel("compression R^c", color="C0")
         twin = axes[2].twinx()
         twin.plot(layer, [r["sparsity"] for r in rows], "s-", color="C1")
