@@ -59,12 +59,17 @@ def test_train_classify_outputs(tmp_path, capsys):
     assert "held-out accuracy" in out and "sparsity" in out
 
 
-@pytest.mark.parametrize("task", ["mae", "lm", "mlm"])
-def test_train_each_task(tmp_path, task):
-    if f"crate_{task}_demo" not in crate_kernels.list_models():
-        pytest.skip(f"crate_{task}_demo is not registered yet (models branch)")
+@pytest.mark.parametrize(
+    ("task", "extra"),
+    [
+        ("mae", {"model__grad_checkpointing": True}),
+        ("lm", {"precision": "bf16"}),  # CPU autocast
+        ("mlm", {"optim__name": "lion", "optim__lr": 3e-4}),
+    ],
+)
+def test_train_each_task(tmp_path, task, extra):
     args = "dim=32,depth=2,heads=2,dim_head=16" + (",block_size=32" if task != "mae" else "")
-    result = train(tiny(tmp_path, task__name=task, model__args=args, max_steps=2, task__sample_tokens=20))
+    result = train(tiny(tmp_path, task__name=task, model__args=args, max_steps=2, task__sample_tokens=20, **extra))
     run = tmp_path / "run"
     assert set(losses(run)) == {1, 2} and all(v > 0 for v in losses(run).values())
     assert result["eval_loss"] > 0
