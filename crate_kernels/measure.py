@@ -241,7 +241,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) -> t
         layer: index into the layer stack (negative counts from the end).
 
     Returns:
-        (B, H, Hi/p, Wi/p) fp32; each (b, h) map sums to 1 − (the class token's attention to itself).
+        (B, H, Hi/p, Wi/p), fp32 or wider; each (b, h) map sums to 1 − (the class token's attention to itself).
     """
     _check_ndim("images", images, 4, "(B, C, H, W) images")
     layers = crate_layers(model)
@@ -251,7 +251,8 @@ def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) -> t
     captured: dict[str, torch.Tensor] = {}
     _run_with_hooks(model, images, [(mssa, "pre", lambda _m, args: captured.__setitem__("y", args[0]))])
     with torch.no_grad():
-        w = _projections(mssa, captured["y"].float())  # (B, H, N, P)
+        w = _projections(mssa, captured["y"])  # (B, H, N, P)
+        w = w.to(torch.promote_types(w.dtype, torch.float32))  # softmax of bf16 / fp16 scores in fp32
         cls_row = torch.softmax((w[:, :, :1] @ w.mT).squeeze(2) * mssa.scale, dim=-1)  # (B, H, N)
     gh, gw = _patch_grid(images.shape[-2:], cls_row.shape[-1] - 1)
     return cls_row[..., 1:].reshape(*cls_row.shape[:2], gh, gw)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -81,10 +80,14 @@ def _read(path: Path) -> Any:
             raise ValueError(f"path_or_state_dict: {str(path)!r} is not a readable safetensors file ({e})") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # the restricted unpickler fails on corrupt bytes with IndexError, KeyError, EOFError, ...
+        # weights_only errors run on for a page; the unpickler's own line names the object it refused
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
         raise ValueError(
             f"path_or_state_dict: cannot read {str(path)!r} with torch.load(weights_only=True): "
-            f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"
+            f"{type(e).__name__}: {reason.partition('. ')[0]}. If you trust the file, load it yourself and pass "
+            "the state dict."
         ) from e
 
 
