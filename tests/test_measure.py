@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import crate_kernels
 from crate_kernels import measure
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
 from reference.ista import OvercompleteISTABlock
 from tests.utils import seeded
 
@@ -111,6 +112,20 @@ def test_layerwise_measures_the_sparse_code_of_overcomplete_blocks():
     a2 = torch.relu(a1 - blk.eta * (a1 @ blk.D.T - y) @ blk.D - blk.eta * blk.lmbda)  # DESIGN §1.3, upstream form
     assert rows[1]["sparsity"] == pytest.approx((a2 == 0).double().mean().item(), abs=1e-12)
     assert rows[1]["sparsity"] > 0.0
+
+
+def test_layerwise_is_the_same_on_our_crate_alpha_and_upstreams():
+    """Our OvercompleteISTA (code recomputed through ``dictionaries()``) and upstream's block measure alike."""
+    crate_kernels.set_backend("torch")
+    ours = crate_kernels.create_model("crate_alpha_demo", depth=2).double()
+    shared = ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "channels", "dim_head")
+    upstream = ref_crate_alpha.CRATE(**{k: ours.config[k] for k in shared}).double()
+    upstream.load_state_dict(ours.state_dict())
+    images = torch.rand(4, 1, 8, 8, generator=seeded(7), dtype=torch.float64)
+    ours_rows, upstream_rows = measure.layerwise(ours, images), measure.layerwise(upstream, images)
+    for a, b in zip(ours_rows, upstream_rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    assert ours_rows[-1]["sparsity"] > 0.0
 
 
 def test_attention_maps_are_the_cls_row_on_the_patch_grid():

@@ -7,6 +7,7 @@ from torch import nn
 import crate_kernels
 from crate_kernels import ISTA, MSSA, OvercompleteISTA, apply_crate_kernels, revert_crate_kernels
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
 from reference.ista import FeedForward, OvercompleteISTABlock
 from reference.mssa import Attention
 from tests.utils import assert_close_to_ref, seeded
@@ -97,6 +98,26 @@ def test_apply_swaps_overcomplete_blocks_and_shared_blocks_once():
         assert_close_to_ref("patched overcomplete", model[0](x), expected)
     revert_crate_kernels(model)
     assert model[0][0] is attn and model[1][1] is block
+
+
+def test_apply_on_upstream_crate_alpha_keeps_outputs():
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(0)
+    model = ref_crate_alpha.CRATE(
+        image_size=8, patch_size=2, num_classes=10, dim=16, depth=2, heads=2, channels=1, dim_head=8
+    )
+    model = model.double().eval()
+    images = torch.rand(2, 1, 8, 8, generator=seeded(3), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(images)
+    report = apply_crate_kernels(model)
+    assert sorted(set(report.swapped.values())) == [
+        ("Attention", "MSSA"),
+        ("OvercompleteISTABlock", "OvercompleteISTA"),
+    ]
+    assert model.transformer.layers[0][0].fn.to_out[0].bias is None  # the bias-free projection is kept as it is
+    with torch.no_grad():
+        assert_close_to_ref("patched CRATE-α", model(images), expected)
 
 
 def test_apply_leaves_crate_kernels_models_alone():

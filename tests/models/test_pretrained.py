@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import crate_kernels
 from crate_kernels import create_model, from_pretrained, load_official, save_pretrained
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
 from tests.utils import seeded
 
 # crate_demo's sizes (the model API contract), as upstream's CRATE class takes them
@@ -51,6 +52,20 @@ def test_load_official_vanilla_containers_give_upstream_outputs(tmp_path, wrap):
     images = torch.rand(3, 1, 8, 8, generator=seeded(0))
     with torch.no_grad():
         torch.testing.assert_close(model.double()(images.double()), upstream.double()(images.double()))
+
+
+def test_load_official_crate_alpha_pth_gives_upstream_outputs(tmp_path):
+    """CRATE-α's official torch checkpoints are bare state dicts of its torch_inference model."""
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(2)
+    upstream = ref_crate_alpha.CRATE(**DEMO)
+    path = tmp_path / "crate_alpha_demo.pth"
+    torch.save(upstream.state_dict(), path)
+    model = create_model("crate_alpha_demo")
+    assert load_official(model, path).num_tensors == len(upstream.state_dict())
+    images = torch.rand(2, 1, 8, 8, generator=seeded(1), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(images), upstream.double()(images))
 
 
 def test_load_official_accepts_an_in_memory_container():
