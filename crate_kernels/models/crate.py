@@ -4,13 +4,24 @@ Attribute names give exactly upstream's state_dict keys (DESIGN.md §1.4): ``to_
 ``pos_embedding``, ``cls_token``, ``transformer.layers.{i}.{0,1}.{norm,fn}``, ``mlp_head.{0,1}``.
 """
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from crate_kernels.modules import ISTA, MSSA
+
+
+def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """A state_dict with every key passed through each ``(regex, replacement)`` rule in turn (``re.sub``)."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in rules:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
 
 
 def pair(t: int | tuple[int, int]) -> tuple[int, int]:
@@ -62,12 +73,13 @@ class Transformer(nn.Module):
     """``depth`` CRATE layers; ``layers[i] = [PreNorm(attention), PreNorm(ista)]`` as upstream.
 
     Each layer: ``z_half = z + attn(LN₁(z))``, then ``z_next = ista(LN₂(z_half))``, or with ``ista_residual``
-    (CRATE-α) ``z_next = z_half + ista(LN₂(z_half))`` with the residual fused into the ISTA op.
+    (CRATE-α) ``z_next = z_half + ista(LN₂(z_half))`` with the residual fused into the ISTA op. Subclasses with
+    another layer equation (the CRATE-MAE decoder) override ``_layer``.
 
     Args:
         dim: D. depth: number of layers.
-        attention: builds one attention module (called ``depth`` times).
-        ista: builds one ISTA module; with ``ista_residual`` its forward takes ``residual=``.
+        pair: builds one layer's two inner modules, each wrapped in a PreNorm (called ``depth`` times); with
+            ``ista_residual`` the second one's forward takes ``residual=``.
         eps: LayerNorm epsilon (1e-5; 1e-6 in CRATE-α).
     """
 
@@ -75,8 +87,7 @@ class Transformer(nn.Module):
         self,
         dim: int,
         depth: int,
-        attention: Callable[[], nn.Module],
-        ista: Callable[[], nn.Module],
+        pair: Callable[[], tuple[nn.Module, nn.Module]],
         *,
         eps: float = 1e-5,
         ista_residual: bool = False,
@@ -86,21 +97,19 @@ class Transformer(nn.Module):
         self.depth = depth
         self.ista_residual = ista_residual
         self.grad_checkpointing = False
-        self.layers = nn.ModuleList(
-            nn.ModuleList([PreNorm(dim, attention(), eps), PreNorm(dim, ista(), eps)]) for _ in range(depth)
-        )
+        self.layers = nn.ModuleList(nn.ModuleList(PreNorm(dim, fn, eps) for fn in pair()) for _ in range(depth))
 
     def _layer(self, attn: PreNorm, ff: PreNorm, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         z_half = x + attn(x, attn_mask=attn_mask)
         return ff(z_half, residual=z_half) if self.ista_residual else ff(z_half)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D) → (B, N, D)."""
-        for attn, ff in self.layers:
+        """x: (B, N, D) → (B, N, D); attn_mask as ``crate_kernels.mssa``."""
+        for first, second in self.layers:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._layer, attn, ff, x, attn_mask, use_reentrant=False)
+                x = checkpoint(self._layer, first, second, x, attn_mask, use_reentrant=False)
             else:
-                x = self._layer(attn, ff, x, attn_mask)
+                x = self._layer(first, second, x, attn_mask)
         return x
 
 
@@ -111,8 +120,10 @@ def crate_transformer(
     return Transformer(
         dim,
         depth,
-        lambda: MSSA(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-        lambda: ISTA(dim, dim, dropout=dropout, step_size=ista, lambd=lambd),
+        lambda: (
+            MSSA(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+            ISTA(dim, dim, dropout=dropout, step_size=ista, lambd=lambd),
+        ),
     )
 
 

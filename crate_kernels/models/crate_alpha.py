@@ -56,8 +56,10 @@ class CRATEAlpha(ClassifierHooks, nn.Module):
         self.transformer = Transformer(
             dim,
             depth,
-            lambda: MSSA(dim, heads=heads, dim_head=dim_head, dropout=dropout, out_bias=False),
-            lambda: OvercompleteISTA(dim, overcomplete_ratio, step_size=ista, lambd=lambd),
+            lambda: (
+                MSSA(dim, heads=heads, dim_head=dim_head, dropout=dropout, out_bias=False),
+                OvercompleteISTA(dim, overcomplete_ratio, step_size=ista, lambd=lambd),
+            ),
             eps=1e-6,
             ista_residual=True,
         )

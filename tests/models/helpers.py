@@ -23,11 +23,12 @@ def outputs_and_grads(
     leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
     out = model(*leaves, **kwargs)
     grad_out = torch.randn(out.shape, generator=seeded(1), dtype=torch.float64).to(out)
-    params = dict((params_of or model).named_parameters())
+    params = {rename(name): p for name, p in (params_of or model).named_parameters() if p.requires_grad}
     float_inputs = {f"input{i}": x for i, x in enumerate(leaves) if x.is_floating_point()}
-    wrt = {**{rename(name): p for name, p in params.items()}, **float_inputs}
-    grads = torch.autograd.grad(out, list(wrt.values()), grad_out)
-    return {"out": out.detach(), **{f"d{name}": g for name, g in zip(wrt, grads, strict=True)}}
+    wrt = {**params, **float_inputs}
+    # allow_unused: a parameter the forward never reads (upstream CRATE-MAE's decoder_embed) has no gradient entry
+    grads = torch.autograd.grad(out, list(wrt.values()), grad_out, allow_unused=True)
+    return {"out": out.detach(), **{f"d{name}": g for name, g in zip(wrt, grads, strict=True) if g is not None}}
 
 
 def assert_all_close(
