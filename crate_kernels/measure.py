@@ -122,20 +122,21 @@ def _is_crate_layer(layer: nn.Module) -> bool:
 
 
 def crate_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """The ``(PreNorm(MSSA), PreNorm(ISTA))`` pairs of the model's first CRATE layer stack, in depth order.
+    """Every ``(PreNorm(MSSA), PreNorm(ISTA))`` layer pair of the model, in module order (= depth order).
 
-    Any stack laid out as upstream's ``transformer.layers`` qualifies (our models, ``reference/``, upstream's own
-    classes); in CRATE-MAE that is the encoder.
+    Our models, ``reference/`` and upstream's own classes qualify: upstream CRATE-MAE keeps each encoder layer in its
+    own block (``blocks.{i}.layers.0``), ours in ``transformer.layers``. A CRATE-MAE decoder layer,
+    ``[PreNorm(synthesis), PreNorm(MSSA)]``, is not an encoder pair and is left out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(_is_crate_layer(m) for m in module):
-            return [(layer[0], layer[1]) for layer in module]
-    raise ValueError(
-        f"model ({type(model).__name__}) has no CRATE layer stack: expected a ModuleList of "
-        "[PreNorm(MSSA), PreNorm(ISTA)] pairs with .norm/.fn (as upstream's model.transformer.layers)"
-    )
+    layers = [(m[0], m[1]) for m in model.modules() if _is_crate_layer(m)]
+    if not layers:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no CRATE layer: expected [PreNorm(MSSA), PreNorm(ISTA)] pairs "
+            "with .norm/.fn (as upstream's model.transformer.layers[i])"
+        )
+    return layers
 
 
 def _projections(mssa: nn.Module, y: torch.Tensor) -> torch.Tensor:

@@ -142,7 +142,7 @@ def test_attention_maps_are_the_cls_row_on_the_patch_grid():
 
 
 def test_layerwise_rejects_a_model_without_crate_layers():
-    with pytest.raises(ValueError, match="no CRATE layer stack"):
+    with pytest.raises(ValueError, match="no CRATE layer"):
         measure.layerwise(torch.nn.Linear(3, 3), torch.zeros(1, 3))
 
 

@@ -11,6 +11,7 @@ import crate_kernels
 from crate_kernels import create_model, from_pretrained, load_official, save_pretrained
 from reference import crate as ref_crate
 from reference import crate_alpha as ref_crate_alpha
+from reference.crate_mae import MaskedAutoencoderCRATE
 from tests.utils import seeded
 
 # crate_demo's sizes (the model API contract), as upstream's CRATE class takes them
@@ -66,6 +67,21 @@ def test_load_official_crate_alpha_pth_gives_upstream_outputs(tmp_path):
     images = torch.rand(2, 1, 8, 8, generator=seeded(1), dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model.double()(images), upstream.double()(images))
+
+
+def test_load_official_crate_mae_checkpoint_maps_upstream_blocks(tmp_path):
+    """Upstream CRATE-MAE saves {"model": ...} with each layer in its own block (blocks.{i}.layers.0.*)."""
+    torch.manual_seed(3)
+    upstream = MaskedAutoencoderCRATE(
+        img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=4, decoder_num_heads=4,
+    )  # fmt: skip
+    path = tmp_path / "crate_mae.pth"
+    torch.save({"model": upstream.state_dict(), "epoch": 9}, path)
+    model = create_model("crate_mae_demo")
+    assert load_official(model, path).layout == "crate-mae"
+    assert torch.equal(model.transformer.layers[2][1].fn.weight, upstream.blocks[2].layers[0][1].fn.weight)
+    assert torch.equal(model.decoder.layers[3][0].fn.weight, upstream.decoder_blocks[3].layers[0][0].fn.weight)
 
 
 def test_load_official_accepts_an_in_memory_container():
