@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crate_kernels.models import crate_mae
-from crate_kernels.models.crate import pair, rename_keys
+from crate_kernels.models import crate_lm, crate_mae
+from crate_kernels.models.crate import pair
 from crate_kernels.models.registry import create_model, model_config
 
 CONFIG_FILE = "config.json"
@@ -39,17 +39,10 @@ _POS_EMBEDDING = re.compile(r"(^|\.)(\w*pos_embed(ding)?)$")
 
 # Key layouts of the official code, each as a converter to ours. Ours equals upstream's for vanilla CRATE and for
 # CRATE-α's torch inference code; upstream CRATE-MAE keeps each layer in its own block; crate-lm is nanoGPT-shaped.
-_CRATE_LM_RULES = [
-    (r"^transformer\.h\.(\d+)\.prenorm_1\.", r"transformer.layers.\1.0.norm."),
-    (r"^transformer\.h\.(\d+)\.attn\.c_attn\.", r"transformer.layers.\1.0.fn.qkv."),
-    (r"^transformer\.h\.(\d+)\.attn\.c_proj\.", r"transformer.layers.\1.0.fn.to_out.0."),
-    (r"^transformer\.h\.(\d+)\.prenorm_2\.", r"transformer.layers.\1.1.norm."),
-    (r"^transformer\.h\.(\d+)\.ista\.", r"transformer.layers.\1.1.fn."),
-]
 LAYOUTS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
     "crate_kernels": dict,
     "crate-mae": crate_mae.from_upstream_state_dict,
-    "crate-lm": lambda state: rename_keys(state, _CRATE_LM_RULES),
+    "crate-lm": crate_lm.from_upstream_state_dict,
 }
 
 

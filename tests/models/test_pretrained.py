@@ -11,6 +11,7 @@ import crate_kernels
 from crate_kernels import create_model, from_pretrained, load_official, save_pretrained
 from reference import crate as ref_crate
 from reference import crate_alpha as ref_crate_alpha
+from reference import crate_lm as ref_crate_lm
 from reference.crate_mae import MaskedAutoencoderCRATE
 from tests.utils import seeded
 
@@ -82,6 +83,41 @@ def test_load_official_crate_mae_checkpoint_maps_upstream_blocks(tmp_path):
     assert load_official(model, path).layout == "crate-mae"
     assert torch.equal(model.transformer.layers[2][1].fn.weight, upstream.blocks[2].layers[0][1].fn.weight)
     assert torch.equal(model.decoder.layers[3][0].fn.weight, upstream.decoder_blocks[3].layers[0][0].fn.weight)
+
+
+def _upstream_lm_demo() -> ref_crate_lm.CRATE:
+    """crate-lm's model at crate_lm_demo's sizes."""
+    torch.manual_seed(4)
+    lm = create_model("crate_lm_demo")
+    config = ref_crate_lm.CRATEConfig(
+        block_size=lm.block_size, vocab_size=lm.vocab_size, n_layer=lm.config["depth"], n_head=lm.config["heads"],
+        n_embd=lm.config["dim"],
+    )  # fmt: skip
+    return ref_crate_lm.CRATE(config)
+
+
+def test_load_official_crate_lm_nanogpt_checkpoint(tmp_path):
+    """crate-lm's train.py saves nanoGPT's {"model", "optimizer", "model_args", "iter_num", ...}, keys prefixed with
+    _orig_mod. when the model was compiled; the unembedding is tied to the token embedding."""
+    crate_kernels.set_backend("torch")
+    upstream = _upstream_lm_demo()
+    state = {f"_orig_mod.{k}": v for k, v in upstream.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "model_args": {"n_layer": 4}, "iter_num": 100, "best_val_loss": 1.5}, path)
+    model = create_model("crate_lm_demo")
+    assert load_official(model, path).layout == "crate-lm"
+    assert model.lm_head.weight is model.wte.weight, "loading must keep the embedding tied"
+    idx = torch.randint(model.vocab_size, (2, 9), generator=seeded(5))
+    with torch.no_grad():
+        expected = upstream.double()(idx, targets=idx)[0]  # upstream gives every position's logits with targets
+        torch.testing.assert_close(model.double()(idx), expected)
+
+
+def test_save_and_from_pretrained_keep_tied_weights(tmp_path):
+    model = create_model("crate_lm_demo", depth=1)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "lm"))
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert torch.equal(loaded.wte.weight, model.wte.weight)
 
 
 def test_load_official_accepts_an_in_memory_container():
