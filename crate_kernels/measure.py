@@ -20,7 +20,6 @@ input of its MSSA (``LN(z)``) and the output of its ISTA block, and are removed 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -472,15 +471,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _train_run_model(folder: Path, config: dict) -> nn.Module:
-    """A crate-train run folder: its resolved config names the model and overrides; the run exports the weights."""
+    """A crate-train run folder: its resolved ``config.json`` names the model (``model.name``, ``model.args``) and the
+    run exports ``model.safetensors`` at the end."""
+    from crate_kernels.train.config import parse_model_args  # one parser for --model.args, the trainer's
+
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint: {folder} has no model.safetensors (crate-train writes it at the end)")
-    overrides = {}
-    for item in filter(None, str(config["model"].get("args", "")).split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = ast.literal_eval(value.strip())
-    model = create_model(config["model"]["name"], **overrides)
+    model = create_model(config["model"]["name"], **parse_model_args(str(config["model"].get("args", ""))))
     load_official(model, weights)
     return model
 

@@ -172,3 +172,18 @@ def test_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert [r["layer"] for r in report["rows"]] == [0, 1, 2]
     for name in ("layerwise.png", "attention.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_reads_a_crate_train_run_folder(tmp_path, capsys):
+    """A run folder as crate-train leaves it: the resolved config.json and the exported model.safetensors."""
+    pytest.importorskip("crate_kernels.train.config", reason="crate_kernels.train is not merged on this branch")
+    from safetensors.torch import save_file
+
+    crate_kernels.set_backend("torch")
+    model = crate_kernels.create_model("crate_demo", depth=2, dim_head=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    config = {"model": {"name": "crate_demo", "args": "depth=2,dim_head=8"}, "steps": 10}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert measure.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m"), "--batch-size", "8"]) == 0
+    assert "crate_demo from" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "m" / "layerwise.json").read_text())["rows"]) == 2
