@@ -224,3 +224,20 @@ def test_save_pretrained_refuses_models_its_config_cannot_rebuild(tmp_path):
         save_pretrained(ref_crate.CRATE(**DEMO), tmp_path / "y")
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_load_official_crate_small_checkpoint_layout_at_224_and_384():
+    """An official CRATE-S/16 checkpoint's layout (upstream's CRATE_small, Ma-Lab's container) fits our preset, and
+    resizes to 384² (a 24×24 grid) for fine-tuning at higher resolution."""
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(5)
+    upstream = ref_crate.CRATE_small()
+    checkpoint = {"state_dict": {f"module.{k}": v for k, v in upstream.state_dict().items()}, "best_acc1": 0.0}
+    model = create_model("crate_small_patch16_224")
+    load_official(model, checkpoint)
+    image = torch.rand(1, 3, 224, 224, generator=seeded(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image), upstream.eval()(image), rtol=1e-4, atol=1e-4)
+    report = load_official(create_model("crate_small_patch16_224", image_size=384), checkpoint)
+    assert report.interpolated == {"pos_embedding": ((1, 197, 576), (1, 577, 576))}
