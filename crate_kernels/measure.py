@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -502,8 +503,20 @@ def build_model(name: str, checkpoint: str | None) -> tuple[nn.Module, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``crate-measure``: print the per-layer table, write layerwise.json and layerwise.png (and attention.png)."""
+    """``crate-measure``: print the per-layer table, write layerwise.json and layerwise.png (and attention.png).
+
+    Returns the exit status: 0, or 2 with a one-line message for a bad model name, checkpoint or data path.
+    """
     args = _parse_args(argv)
+    try:
+        _measure(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crate-measure: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> None:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     model, origin = build_model(args.model, args.checkpoint)
@@ -527,7 +540,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = f"{args.model}: [CLS] attention per head, last layer"
         written.append(plot_attention_maps(maps[0].cpu(), photo[0], out / "attention.png", title))
     print("\nwrote " + ", ".join(map(str, written)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -174,6 +174,13 @@ def test_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert measure.main(["--model", "crate_nope", "--out", str(tmp_path)]) == 2
+    assert "crate-measure: error: unknown model name 'crate_nope'" in capsys.readouterr().err
+    assert measure.main(["--data", str(tmp_path / "missing.npy"), "--out", str(tmp_path)]) == 2
+    assert "--data: expected 'digits' or an existing" in capsys.readouterr().err
+
+
 def test_cli_reads_a_crate_train_run_folder(tmp_path, capsys):
     """A run folder as crate-train leaves it: the resolved config.json and the exported model.safetensors."""
     pytest.importorskip("crate_kernels.train.config", reason="crate_kernels.train is not merged on this branch")
