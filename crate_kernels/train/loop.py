@@ -12,12 +12,13 @@ from typing import Any
 import torch
 
 import crate_kernels
+from crate_kernels.measure import layerwise
 from crate_kernels.train import checkpoint, distributed
 from crate_kernels.train.config import ConfigError, TrainConfig
 from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, layer_table, plot_run
+from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run
 
 NOT_RESUMED = {"max_steps", "progress"}  # config keys a resumed run may change without being another run
 
@@ -207,13 +208,11 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
         lines.append(f"held-out accuracy: {100 * evaluated['eval_accuracy']:.2f}% ({len(val_set)} samples)")
     with autocast():
         lines += task.finish(model, val_set, run_dir, ctx.is_main)
-        rows = []
-        if hasattr(model, "transformer"):
-            x, _ = val_set.batch(torch.arange(min(256, len(val_set))))
-            with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-                torch.manual_seed(0)
-                rows = layer_table(model, x.to(ctx.device))
-            lines += format_table(rows)
+        x, _ = val_set.batch(torch.arange(min(256, len(val_set))))
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            torch.manual_seed(0)  # the MAE's random masks
+            rows = layerwise(model, x.to(ctx.device))
+        lines += format_table(rows)
     if ctx.is_main:
         plot_run(metrics.records(), rows, run_dir / "metrics.png")
         lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")

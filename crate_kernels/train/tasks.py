@@ -214,45 +214,15 @@ def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> nn.M
     return model
 
 
-# ---- the white-box report: per-layer compression and sparsity ----
-
-
-@torch.no_grad()
-def layer_table(model: nn.Module, x: torch.Tensor, eps: float = 0.01) -> list[dict[str, float]]:
-    """Per layer ℓ of ``model.transformer.layers`` on inputs ``x``: the compression term and the ISTA sparsity.
-
-    compression: R^c = ½ Σ_heads logdet(I_N + P/(N·ε)·X Xᵀ) of the L2-normalised per-head projections
-    ``qkv(LN(z^ℓ))`` (B, H, N, P), averaged over the batch (DESIGN.md §1.5; lower = more compressed);
-    sparsity: share of exact zeros in the ISTA block's output (higher = sparser).
-    """
-    layers = model.transformer.layers
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    hooks = []
-    for i, (attn, ista) in enumerate(layers):
-        hooks.append(attn.fn.qkv.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__((i, "w"), out)))
-        hooks.append(ista.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__((i, "z"), out)))
-    try:
-        model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    rows = []
-    for i, (attn, _) in enumerate(layers):
-        w = captured[(i, "w")].float()
-        B, N, _ = w.shape
-        H = attn.fn.heads
-        w = F.normalize(w.view(B, N, H, -1).transpose(1, 2), dim=-1)  # (B, H, N, P)
-        P = w.shape[-1]
-        gram = torch.eye(N, device=w.device) + (P / (N * eps)) * (w @ w.transpose(-1, -2))
-        compression = 0.5 * torch.logdet(gram.double()).sum(dim=1).mean()
-        sparsity = (captured[(i, "z")] == 0).float().mean()
-        rows.append({"layer": i, "compression": float(compression), "sparsity": float(sparsity)})
-    return rows
+# ---- the white-box report ----
 
 
 def format_table(rows: list[dict[str, float]]) -> list[str]:
-    lines = ["layer  compression R^c  sparsity (zeros in ISTA output)"]
-    lines += [f"{r['layer']:>5}  {r['compression']:>15.2f}  {r['sparsity']:>8.3f}" for r in rows]
+    """``crate_kernels.measure.layerwise`` rows as a table: compression R^c should fall with depth, sparsity rise."""
+    lines = ["layer  compression R^c  coding rate R  sparsity"]
+    lines += [
+        f"{r['layer']:>5}  {r['compression']:>15.2f}  {r['coding_rate']:>13.2f}  {r['sparsity']:>8.3f}" for r in rows
+    ]
     return lines
 
 
