@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import resource
 import time
@@ -113,7 +114,11 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         crate_kernels.set_backend(cfg.model.backend)
         train_set, val_set = load_dataset(cfg.data, task.text)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
-        model = build_model(cfg, task, train_set)
+        model, model_args = build_model(cfg, task, train_set)
+        # The saved config names every constructor argument, data-derived ones included, so that the run folder
+        # alone rebuilds the model (crate-measure reads it).
+        args = ",".join(f"{k}={v!r}" for k, v in model_args.items())
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args=args))
         if task.text:
             train_set.block_size = val_set.block_size = model.block_size
         batches_per_epoch(len(train_set), cfg.optim.batch_size)

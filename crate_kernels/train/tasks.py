@@ -186,8 +186,11 @@ def model_attr(model: nn.Module, name: str) -> Any:
     return getattr(getattr(inner, "module", inner), name)
 
 
-def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> nn.Module:
-    """``crate_kernels.create_model(--model, **data overrides, **--model.args)``; clear errors for bad names/args."""
+def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any]]:
+    """``crate_kernels.create_model(--model, **data overrides, **--model.args)`` and the arguments it got.
+
+    Raises ValueError naming the flag for an unknown name, a bad argument or arguments that contradict the data.
+    """
     import crate_kernels
 
     names = crate_kernels.list_models()
@@ -211,7 +214,7 @@ def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> nn.M
         raise ValueError(f"--model {cfg.model.name}: vocab_size {model.vocab_size} < {TEXT_VOCAB} (ASCII)")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return model
+    return model, derived | user
 
 
 # ---- the white-box report ----

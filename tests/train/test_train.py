@@ -13,10 +13,11 @@ import torch
 import crate_kernels
 from crate_kernels.train import checkpoint
 from crate_kernels.train.__main__ import main
-from crate_kernels.train.config import ConfigError, from_flat
+from crate_kernels.train.config import ConfigError, from_flat, parse_model_args
 from crate_kernels.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]
+TINY_ARGS = {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16}
 TINY = {
     "steps": 8,
     "log_every": 1,
@@ -47,13 +48,15 @@ def test_train_classify_outputs(tmp_path, capsys):
     assert 0.0 <= result["eval_accuracy"] <= 1.0 and result["eval_loss"] > 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"lr", "samples_per_s", "peak_mem_mb"} <= set(records[0])
-    assert json.loads((run / "config.json").read_text())["model"]["name"] == "crate_demo"
+    saved = json.loads((run / "config.json").read_text())["model"]
+    assert saved["name"] == "crate_demo"  # with every argument, data-derived ones included:
+    assert parse_model_args(saved["args"]) == TINY_ARGS | {"image_size": 8, "channels": 1, "num_classes": 10}
     assert (run / "metrics.png").stat().st_size > 0
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_0000004"]
     from safetensors.torch import load_file
 
     weights = load_file(run / "model.safetensors")
-    model = crate_kernels.create_model("crate_demo", dim=32, depth=2, heads=2, dim_head=16)
+    model = crate_kernels.create_model("crate_demo", **parse_model_args(saved["args"]))
     model.load_state_dict(weights)
     out = capsys.readouterr().out
     assert "held-out accuracy" in out and "sparsity" in out
