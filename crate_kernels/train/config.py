@@ -131,10 +131,14 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 0 (0 = --steps), got {self.max_steps}")
         if not 0.0 < self.data.crop_scale <= 1.0:
             raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
-        if not 0.0 <= self.data.val_fraction < 1.0:
-            raise ValueError(f"--data.val_fraction must be in [0, 1), got {self.data.val_fraction}")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ValueError(f"--data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if not 0.0 <= self.task.mask_ratio < 1.0:
             raise ValueError(f"--task.mask_ratio must be in [0, 1), got {self.task.mask_ratio}")
+        if not 0.0 < self.task.mlm_probability < 1.0:
+            raise ValueError(f"--task.mlm_probability must be in (0, 1), got {self.task.mlm_probability}")
+        if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_steps < 0 or self.optim.grad_clip < 0:
+            raise ValueError("--optim.lr must be > 0 and --optim.min_lr, --optim.warmup_steps, --optim.grad_clip >= 0")
         parse_model_args(self.model.args)
 
     @property
