@@ -139,6 +139,8 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
     found, step = checkpoint.checkpoints(run_dir), 0
     if found:
         step = checkpoint.load(found[-1], model, optimizer, scheduler, ctx)
+        if ctx.is_main:
+            print(f"resuming from {found[-1]} (step {step} of {cfg.steps}; this run stops at {cfg.last_step})")
     if ctx.is_main:
         _save_config(cfg, run_dir, resumed=bool(found))
     metrics = Metrics(run_dir, ctx, step, cfg.tensorboard)
