@@ -150,16 +150,29 @@ class TrainConfig:
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
-    """``"dim=64,depth=4,pool='mean'"`` -> ``{"dim": 64, "depth": 4, "pool": "mean"}``; bare words are strings."""
+    """``"dim=64,image_size=(8, 8),pool=mean"`` -> ``{"dim": 64, "image_size": (8, 8), "pool": "mean"}``.
+
+    Values are Python literals; a bare word is a string. The model registry then checks each value's type.
+    """
+    if not text.strip():
+        return {}
+    expected = f"--model.args: expected name=value pairs separated by commas (Python literals), got {text!r}"
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+    except SyntaxError:
+        raise ValueError(expected) from None
+    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
+        raise ValueError(expected)
     overrides: dict[str, Any] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise ValueError(f"--model.args: expected 'name=value' pairs separated by commas, got {item!r}")
+    for kw in call.keywords:
+        if kw.arg in overrides:
+            raise ValueError(f"--model.args: {kw.arg} given twice in {text!r}")
         try:
-            overrides[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            overrides[key.strip()] = value.strip()
+            overrides[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value)
+        except ValueError:
+            raise ValueError(
+                f"--model.args: {kw.arg}= must be a Python literal, got {ast.unparse(kw.value)!r}"
+            ) from None
     return overrides
 
 

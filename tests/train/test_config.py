@@ -23,6 +23,11 @@ def test_config_flags_aliases_and_types():
     cfg = parse_args(argv)
     assert (cfg.out, cfg.max_steps, cfg.optim.lr, cfg.optim.betas, cfg.data.hflip) == ("x", 7, 1e-4, (0.8, 0.9), True)
     assert parse_model_args(cfg.model.args) == {"dim": 32, "pool": "mean"}
+    assert parse_model_args("image_size=(8, 16), pool=mean, ista=0.2") == {
+        "image_size": (8, 16),
+        "pool": "mean",
+        "ista": 0.2,
+    }
     assert parse_args(["--max_steps", "3"]).max_steps == 3
 
 
@@ -36,7 +41,9 @@ def test_config_flags_aliases_and_types():
         (["--task", "segment"], "--task must be one of"),
         (["--parallel", "zero"], "--parallel must be one of"),
         (["--optim.batch_size", "0"], "--optim.batch_size must be >= 1"),
-        (["--model-args", "dim"], "expected 'name=value'"),
+        (["--model-args", "dim"], "expected name=value pairs"),
+        (["--model-args", "dim=64,dim=32"], "dim given twice"),
+        (["--model-args", "dim=f(1)"], "must be a Python literal"),
     ],
 )
 def test_config_rejects_bad_values(argv, message):

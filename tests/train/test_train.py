@@ -125,6 +125,7 @@ def test_train_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         ({"data.name": "/no/such/images"}, "neither an embedded set"),
         ({"optim.batch_size": 16, "optim.grad_accum": 3}, "must be a multiple of world size 1"),
         ({"model.args": "dim=32,depht=2"}, "depht"),
+        ({"model.args": "dim='wide'"}, "dim must be a positive int"),
         ({"optim.batch_size": 4096}, "larger than the training set"),
         ({"parallel": "ddp"}, "must run under torchrun"),
     ],
