@@ -1,8 +1,9 @@
 """Model-level suites: one CRATE layer (LN + MSSA + LN + ISTA) and one whole training step (forward, backward, AdamW).
 
 Providers: upstream eager (``reference/``), ``torch.compile`` of it (default and max-autotune), crate_kernels on the
-PyTorch path, crate_kernels' Triton kernels, and those under ``torch.compile``. The fused providers run the upstream
-model with its layers computed by crate_kernels' ops on the same parameters. Models run in the bench dtype (bf16 on
+PyTorch path, crate_kernels' Triton kernels, and those under ``torch.compile``. Every provider starts from the same
+upstream model (reference/) of a registered preset; ours swap in crate_kernels' modules with
+``crate_kernels.apply_crate_kernels`` (the same parameter tensors). Models run in the bench dtype (bf16 on
 GPU) with AdamW on those parameters, the same for every provider.
 """
 
@@ -22,7 +23,7 @@ from benchmarks.shapes import (
     BenchShape,
     Provider,
     bench_dtypes,
-    build_preset,
+    build_upstream,
     dtype_name,
     layer_flops,
     model_shapes,
@@ -32,46 +33,16 @@ from benchmarks.shapes import (
     tensor_bytes,
     train_step_flops,
 )
-from reference.crate import Transformer
 
 ALL_PROVIDERS = providers(UPSTREAM_EAGER, UPSTREAM_COMPILE, UPSTREAM_COMPILE_MAX, TORCH_PATH, TRITON, TRITON_COMPILE)
 
 
-class _FusedLayers(nn.Module):
-    """An upstream ``Transformer`` computed with ``crate_kernels.mssa`` / ``crate_kernels.ista`` on its own
-    parameters (same math as ``reference.crate.Transformer.forward``)."""
-
-    def __init__(self, upstream: Transformer):
-        super().__init__()
-        self.upstream = upstream
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        for attn, ff in self.upstream.layers:
-            mssa = attn.fn
-            w = mssa.qkv(attn.norm(x)).view(B, N, mssa.heads, -1).transpose(1, 2)
-            x = x + mssa.to_out(crate_kernels.mssa(w, scale=mssa.scale).transpose(1, 2).reshape(B, N, -1))
-            x = crate_kernels.ista(ff.norm(x), ff.fn.weight, step_size=ff.fn.step_size, lambd=ff.fn.lambd)
-        return x
-
-
 def _for_provider(model: nn.Module, provider: Provider) -> nn.Module:
-    """The upstream model as ``provider`` runs it: fused layers for crate_kernels' providers, then compiled if asked."""
+    """The upstream model as ``provider`` runs it: crate_kernels' modules swapped in (same parameters) for our
+    providers, then compiled if the provider asks."""
     if provider.ours:
-        model.transformer = _FusedLayers(model.transformer)
+        crate_kernels.apply_crate_kernels(model)
     return provider.maybe_compile(model)
-
-
-class _Layer(nn.Module):
-    """One CRATE layer of the preset, as a module with a ``transformer`` attribute (what ``_for_provider`` swaps)."""
-
-    def __init__(self, shape: BenchShape):
-        super().__init__()
-        m = shape.model
-        self.transformer = Transformer(m.dim, 1, m.heads, m.dim_head)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.transformer(x)
 
 
 @pytest.mark.parametrize("provider", ALL_PROVIDERS)
@@ -80,7 +51,7 @@ class _Layer(nn.Module):
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
 def bench_layer(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     device = bench.device
-    layer = _Layer(shape).to(device=device, dtype=dtype)
+    layer = build_upstream(shape.model.name, device, depth=1).transformer.to(dtype)
     nbytes = parameter_bytes(layer) * (1 if mode == "fwd" else 3)  # fwd_bwd: read twice, gradient written once
     run = _for_provider(layer, provider)
     fn = torch.no_grad()(run) if mode == "fwd" else run
@@ -109,7 +80,7 @@ def bench_layer(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provide
 def bench_train_step(bench, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     device = bench.device
     torch.manual_seed(0)
-    model = build_preset(shape.model.name, device).to(dtype)
+    model = build_upstream(shape.model.name, device).to(dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # AdamW reads p, g, m, v and writes p, m, v; forward and backward read p, backward writes g: ~10 passes.
     nbytes = 10 * parameter_bytes(model)

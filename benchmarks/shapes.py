@@ -12,13 +12,17 @@ compulsory traffic (inputs, outputs, parameters and their gradients read or writ
 """
 
 import functools
+import inspect
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
+from crate_kernels import OvercompleteISTA, create_model
+from crate_kernels.models import CRATE, CRATEAlpha, model_config
 from reference import crate as reference_crate
+from reference import crate_alpha as reference_crate_alpha
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
 
@@ -41,7 +45,12 @@ class Provider:
 
     def maybe_compile(self, fn):
         """``fn`` (a module or function) compiled in this provider's mode, or as it is for eager providers."""
-        return fn if self.compile_mode is None else torch.compile(fn, mode=self.compile_mode)
+        if self.compile_mode is None:
+            return fn
+        # Each row compiles a fresh model: drop earlier rows' graphs so dynamo's recompile limit never silently
+        # turns a compile row into eager.
+        torch._dynamo.reset()
+        return torch.compile(fn, mode=self.compile_mode)
 
     def __str__(self) -> str:
         return self.name
@@ -136,48 +145,60 @@ class BenchShape:
         return self.id
 
 
-# Preset name -> (short id, builder). The registry of crate_kernels replaces the builders once it lands.
-_PRESETS = {
-    "crate_demo": ("demo", lambda: reference_crate.CRATE(
-        image_size=8, patch_size=2, num_classes=10, dim=64, depth=4, heads=4, dim_head=16, channels=1
-    )),
-    "crate_tiny_patch16_224": ("crate_t", reference_crate.CRATE_tiny),
-    "crate_small_patch16_224": ("crate_s", reference_crate.CRATE_small),
-    "crate_base_patch16_224": ("crate_b", reference_crate.CRATE_base),
-    "crate_large_patch16_224": ("crate_l", reference_crate.CRATE_large),
-}  # fmt: skip
+# crate_kernels' model class -> the upstream class of reference/ that takes the same constructor arguments.
+_UPSTREAM = {CRATE: reference_crate.CRATE, CRATEAlpha: reference_crate_alpha.CRATE}
+_SHORT = {"tiny": "t", "small": "s", "base": "b", "large": "l"}
 
 
-def build_preset(name: str, device: torch.device | str = "cpu") -> nn.Module:
-    """The upstream-layout model of preset ``name``, initialised on ``device`` (``"meta"``: shapes only)."""
-    if name not in _PRESETS:
-        raise ValueError(f"name must be one of {sorted(_PRESETS)}, got {name!r}")
+def _short(name: str) -> str:
+    """``crate_base_patch16_224`` -> ``crate_b``, ``crate_alpha_base_patch16_224`` -> ``crate_alpha_b``,
+    ``crate_demo`` -> ``crate_demo``: readable shape ids."""
+    parts = name.split("_")
+    if parts[-1] == "224":
+        parts = parts[:-2]
+    return "_".join(_SHORT.get(part, part) for part in parts)
+
+
+def build_upstream(name: str, device: torch.device | str = "cpu", **overrides) -> nn.Module:
+    """The upstream model (reference/) of registered preset ``name``, on ``device`` (``"meta"``: shapes only)."""
+    config = model_config(name, **overrides)
+    family = type(_meta_model(name))
+    if family not in _UPSTREAM:
+        raise ValueError(
+            f"name must be a preset with an upstream model in reference/ ({list(_UPSTREAM)}), got {name!r}"
+        )
     with torch.device(device):
-        return _PRESETS[name][1]()
+        return _UPSTREAM[family](**config)
+
+
+@functools.cache
+def _meta_model(name: str) -> nn.Module:
+    with torch.device("meta"):
+        return create_model(name)
 
 
 @functools.cache
 def model_shape(name: str) -> ModelShape:
-    """Read the sizes of preset ``name`` off a meta-device instance."""
-    model = build_preset(name, "meta")
+    """Read the sizes of registered preset ``name`` off a meta-device instance of crate_kernels' model."""
+    model = _meta_model(name)
+    config = {**model_config(name)}
     attn, ista = model.transformer.layers[0][0].fn, model.transformer.layers[0][1].fn
-    dim = attn.qkv.in_features
-    dictionary = getattr(ista, "D", None)
-    patchify, patch_embed = model.to_patch_embedding[0], model.to_patch_embedding[2]
-    patches = model.pos_embedding.shape[1] - 1
+    signature = inspect.signature(type(model)).parameters
+    channels = config.get("channels", signature["channels"].default)
+    patch = config["patch_size"]
     return ModelShape(
         name=name,
-        short=_PRESETS[name][0],
-        dim=dim,
-        depth=len(model.transformer.layers),
+        short=_short(name),
+        dim=config["dim"],
+        depth=config["depth"],
         heads=attn.heads,
         dim_head=attn.qkv.out_features // attn.heads,
         tokens=model.pos_embedding.shape[1],
-        overcomplete=0 if dictionary is None else dictionary.shape[1] // dim,
-        embed_in=patch_embed.in_features,
-        head_out=model.mlp_head[1].out_features,
-        image_size=round(patches**0.5) * patchify.p1,
-        channels=patch_embed.in_features // (patchify.p1 * patchify.p2),
+        overcomplete=ista.D.shape[1] // config["dim"] if isinstance(ista, OvercompleteISTA) else 0,
+        embed_in=channels * patch * patch,
+        head_out=config["num_classes"],
+        image_size=config["image_size"],
+        channels=channels,
     )
 
 
@@ -188,11 +209,11 @@ def _on_gpu() -> bool:
 # (preset, batch) per machine. GPU: the batch of DESIGN §5's goals (B = 256 at 224/16); CPU: small enough that a
 # smoke run of every suite takes seconds. Layer- and op-level suites use op_shapes(), whole steps model_shapes().
 _GPU_OP = [("crate_tiny_patch16_224", 256), ("crate_small_patch16_224", 256), ("crate_base_patch16_224", 256),
-           ("crate_large_patch16_224", 256)]  # fmt: skip
+           ("crate_large_patch16_224", 256), ("crate_alpha_base_patch16_224", 256)]  # fmt: skip
 _GPU_MODEL = [("crate_tiny_patch16_224", 256), ("crate_small_patch16_224", 256), ("crate_base_patch16_224", 256),
-              ("crate_large_patch16_224", 128)]  # fmt: skip
-_CPU_OP = [("crate_demo", 8), ("crate_tiny_patch16_224", 2)]
-_CPU_MODEL = [("crate_demo", 8)]
+              ("crate_large_patch16_224", 128), ("crate_alpha_base_patch16_224", 256)]  # fmt: skip
+_CPU_OP = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_tiny_patch16_224", 2)]
+_CPU_MODEL = [("crate_demo", 8), ("crate_alpha_demo", 8)]
 
 
 def op_shapes() -> list[BenchShape]:

@@ -150,6 +150,8 @@ def test_shapes_come_from_the_presets() -> None:
     assert (small.dim, small.heads, small.dim_head, small.tokens, small.depth) == (576, 12, 48, 197, 12)
     assert (base.embed_in, base.head_out, base.image_size, base.channels) == (768, 1000, 224, 3)
     assert model_shape("crate_large_patch16_224").depth == 24
+    alpha = model_shape("crate_alpha_base_patch16_224")
+    assert (alpha.short, alpha.overcomplete, alpha.embed_in, alpha.tokens) == ("crate_alpha_b", 4, 768, 197)
 
 
 def test_flops_follow_design_formulas() -> None:
