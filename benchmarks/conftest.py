@@ -53,10 +53,13 @@ _MAX_INPUT_COPIES = 64
 
 
 class _BenchModule(pytest.Module):
-    """A ``bench_*.py`` file: collects ``bench_*`` functions (STYLE.md names) as well as ``test_*`` ones."""
+    """A ``bench_*.py`` file: collects the ``bench_*`` functions (STYLE.md names) it defines, not imported helpers."""
 
     def funcnamefilter(self, name: str) -> bool:
         return name.startswith("bench_") or super().funcnamefilter(name)
+
+    def istestfunction(self, obj: object, name: str) -> bool:
+        return super().istestfunction(obj, name) and getattr(obj, "__module__", None) == self.obj.__name__
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
