@@ -72,6 +72,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--bench-budget", type=float, default=None, help="seconds of timed calls per row (default 0.5 GPU, 0.2 CPU)"
     )
+    parser.addoption(
+        "--bench-deadline",
+        type=float,
+        default=None,
+        help="Unix time after which rows are skipped as not measured, so a run under a time limit still ends "
+        "normally and writes its JSON (pytest-benchmark writes nothing when interrupted)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -324,5 +331,8 @@ class Bench:
 @pytest.fixture
 def bench(benchmark, ceilings: Ceilings, pytestconfig: pytest.Config, request: pytest.FixtureRequest) -> Bench:
     """The timing target; the suite name is the bench file's name without ``bench_``."""
+    deadline = pytestconfig.getoption("--bench-deadline")
+    if deadline is not None and time.time() > deadline:
+        pytest.skip("row not measured: the run's time budget (--bench-deadline) was spent")
     suite = Path(request.node.path).stem.removeprefix("bench_")
     return Bench(benchmark, ceilings, _budget(pytestconfig), suite)
