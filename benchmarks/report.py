@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from benchmarks.shapes import COMPILE_NAME, EAGER_NAME
+from benchmarks.shapes import COMPILE_NAME, EAGER_NAME, BenchShape, model_shape
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RAW_NAME = "benchmark.json"  # the raw pytest-benchmark JSON kept beside the report (the regression gate reads it)
@@ -189,6 +189,58 @@ def _section_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
+# DESIGN.md §5 goals (reported, never asserted): (op, mode, metric, target, what it says). Metrics are "higher is
+# better" row values; "peak_vs_eager" is upstream eager's peak memory over ours.
+GOALS = [
+    ("train_step", "train_step", "speedup_vs_eager", 2.0, "training step ≥ 2× upstream eager"),
+    ("train_step", "train_step", "speedup_vs_compile", 1.4, "training step ≥ 1.4× torch.compile of upstream"),
+    ("train_step", "train_step", "peak_vs_eager", 1.0, "training step: less peak memory than upstream eager"),
+    ("crate_layer", "fwd_bwd", "roofline_fraction", 1 / 1.5, "one layer fwd+bwd within 1.5× of the roofline floor"),
+    ("ista", "fwd_bwd", "speedup_vs_eager", 3.0, "ISTA op fwd+bwd ≥ 3× upstream eager"),
+    ("ista", "fwd_bwd", "speedup_vs_compile", 2.0, "ISTA op fwd+bwd ≥ 2× torch.compile of upstream"),
+    ("mssa", "fwd_bwd", "speedup_vs_best_other", 1.3, "MSSA core fwd+bwd ≥ 1.3× the best baseline"),
+]
+
+
+def goal_shape() -> str:
+    """The shape of DESIGN §5's goals: CRATE-B/16 at B = 256."""
+    return BenchShape(model_shape("crate_base_patch16_224"), 256).id
+
+
+def _goal_lines(rows: list[dict]) -> list[str]:
+    shape = goal_shape()
+    lines = [
+        f"## Headline: DESIGN.md §5 goals at {shape}",
+        "",
+        'Our fastest provider on the goal shape, per goal; reported, not asserted. "not measured": this run has no '
+        "such row (no GPU, or the suite was not run).",
+        "",
+        "| goal | provider | dtype | measured | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for op, mode, metric, target, text in GOALS:
+        candidates = [r for r in rows if (r["op"], r["mode"], r["shape"]) == (op, mode, shape) and r["ours"]]
+        best = min(candidates, key=lambda r: r["ms"], default=None)
+        value = None if best is None else _goal_metric(best, metric, rows)
+        if value is None:
+            lines.append(f"| {text} | — | — | not measured | {target:.2f} | — |")
+            continue
+        lines.append(
+            f"| {text} | {best['provider']} | {best['dtype']} | {value:.2f} | {target:.2f} | "
+            f"{'yes' if value >= target else 'no'} |"
+        )
+    return [*lines, ""]
+
+
+def _goal_metric(row: dict, metric: str, rows: list[dict]) -> float | None:
+    if metric != "peak_vs_eager":
+        return row.get(metric)
+    eager = [r for r in rows if _group_key(r) == _group_key(row) and r["provider"] == EAGER_NAME]
+    if not eager or not row.get("peak_mb") or not eager[0].get("peak_mb"):
+        return None
+    return eager[0]["peak_mb"] / row["peak_mb"]
+
+
 REGRESSION_GATE = """\
 ## Regression gate
 
@@ -229,7 +281,7 @@ def render_markdown(rows: list[dict], header: dict, card: str, date: str, plots:
             "- **No GPU in this run**: only CPU providers at small shapes were measured; every GPU row "
             "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed."
         )
-    lines.append("")
+    lines += ["", *_goal_lines(rows)]
     for (suite, op, mode, dtype), section in sorted(_sections(rows).items()):
         lines += [f"## {suite}: {op} {mode} ({dtype})", "", *_section_markdown(section), ""]
     if plots:

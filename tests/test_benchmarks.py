@@ -97,6 +97,8 @@ def test_report_writes_summary_in_schema_with_speedups(tmp_path: Path) -> None:
     assert "NVIDIA H100 80GB HBM3" in text and "No GPU in this run" not in text
     assert "| crate_b-256x197x768h12 | triton (ours) | 1.000 (0.900–1.100) |" in text
     assert "4.00×" in text and "## Regression gate" in text
+    assert "| one layer fwd+bwd within 1.5× of the roofline floor | triton | bfloat16 | 0.90 | 0.67 | yes |" in text
+    assert "| training step ≥ 2× upstream eager | — | — | not measured |" in text
     assert (out / "speedup.png").stat().st_size > 0 and (out / "tflops_vs_n.png").stat().st_size > 0
     assert json.loads((out / report.RAW_NAME).read_text())["benchmarks"][0]["stats"]["median"] == 4e-3
 
