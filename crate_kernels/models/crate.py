@@ -14,12 +14,22 @@ from torch.utils.checkpoint import checkpoint
 from crate_kernels.modules import ISTA, MSSA
 
 
-def rename_keys(state: Mapping[str, torch.Tensor], rules: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """A state_dict with every key passed through each ``(regex, replacement)`` rule in turn (``re.sub``)."""
+def rename_prefixes(state: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """A state_dict whose keys starting with a source prefix start with its target instead.
+
+    ``pairs``: (source, target) prefixes; ``{i}`` stands for a layer index, carried from source to target.
+    Keys no pair matches are kept.
+    """
+    rules = [
+        (re.compile("^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")), dst.replace("{i}", r"\1"))
+        for src, dst in pairs
+    ]
     renamed = {}
     for key, value in state.items():
         for pattern, replacement in rules:
-            key = re.sub(pattern, replacement, key)
+            key, found = pattern.subn(replacement, key)
+            if found:
+                break
         renamed[key] = value
     return renamed
 

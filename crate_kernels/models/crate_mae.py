@@ -26,28 +26,25 @@ from crate_kernels.models.crate import (
     check_images,
     crate_transformer,
     pair,
-    rename_keys,
+    rename_prefixes,
 )
 from crate_kernels.modules import MSSA
 
-_FROM_UPSTREAM = [
-    (r"^blocks\.(\d+)\.layers\.0\.", r"transformer.layers.\1."),
-    (r"^decoder_blocks\.(\d+)\.layers\.0\.", r"decoder.layers.\1."),
-]
-_TO_UPSTREAM = [
-    (r"^transformer\.layers\.(\d+)\.", r"blocks.\1.layers.0."),
-    (r"^decoder\.layers\.(\d+)\.", r"decoder_blocks.\1.layers.0."),
+# (ours, upstream) key prefixes; {i} is the layer index.
+_KEY_PAIRS = [
+    ("transformer.layers.{i}.", "blocks.{i}.layers.0."),
+    ("decoder.layers.{i}.", "decoder_blocks.{i}.layers.0."),
 ]
 
 
 def from_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Upstream CRATE-MAE keys (``blocks.{i}.layers.0.*``) → ``CRATEMAE`` keys (``transformer.layers.{i}.*``)."""
-    return rename_keys(state, _FROM_UPSTREAM)
+    return rename_prefixes(state, [(theirs, ours) for ours, theirs in _KEY_PAIRS])
 
 
 def to_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``CRATEMAE`` keys → upstream CRATE-MAE keys."""
-    return rename_keys(state, _TO_UPSTREAM)
+    return rename_prefixes(state, _KEY_PAIRS)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:

@@ -43,18 +43,23 @@ def model_config(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def _check_override(key: str, value: Any, default: Any) -> None:
-    """An override has the kind of the value it replaces: sizes are positive ints (or an (h, w) pair of them),
-    rates and steps non-negative numbers, switches their own type."""
+    """An override has the kind of the value it replaces: sizes are positive ints (or an (h, w) pair of them; an
+    optional size, default None, is a positive int or None; ``num_classes`` may be 0 for no classifier), rates and
+    steps non-negative numbers, switches and names their own type."""
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise TypeError(f"override {key} must be a bool, got {value!r}")
-    elif isinstance(default, int):
+    elif default is None and value is None:
+        return
+    elif isinstance(default, int) or default is None:
         pair_of_ints = (
             isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value)
         )
-        if not ((is_int and value >= 1) or (key in ("image_size", "patch_size") and pair_of_ints)):
-            raise ValueError(f"override {key} must be a positive int, got {value!r}")
+        least = 0 if key == "num_classes" else 1
+        if not ((is_int and value >= least) or (key in ("image_size", "patch_size") and pair_of_ints)):
+            kind = "a non-negative" if least == 0 else "a positive"
+            raise ValueError(f"override {key} must be {kind} int, got {value!r}")
     elif isinstance(default, float):
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
             raise ValueError(f"override {key} must be a non-negative number, got {value!r}")

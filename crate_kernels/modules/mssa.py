@@ -22,6 +22,8 @@ class MSSA(nn.Module):
         dropout: on the attention probabilities (training only) and after the output projection, as upstream.
         out_bias: bias of the output projection (CRATE-α has none).
         is_causal: token i attends to tokens j ≤ i (the CRATE language model).
+        project_out: whether ``to_out`` holds a projection; None: upstream's rule, none when one head spans the
+            width (crate-lm always projects).
     """
 
     def __init__(
@@ -33,10 +35,11 @@ class MSSA(nn.Module):
         *,
         out_bias: bool = True,
         is_causal: bool = False,
+        project_out: bool | None = None,
     ):
         super().__init__()
         inner_dim = dim_head * heads
-        project_out = not (heads == 1 and dim_head == dim)
+        project_out = not (heads == 1 and dim_head == dim) if project_out is None else project_out
         self.heads = heads
         self.dim_head = dim_head
         self.scale = dim_head**-0.5
