@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from crate_kernels import OvercompleteISTA, create_model
-from crate_kernels.models import CRATE, CRATEAlpha, model_config
+from crate_kernels.models import CRATE, CRATELM, CRATEAlpha, model_config
 from reference import crate as reference_crate
 from reference import crate_alpha as reference_crate_alpha
+from reference import crate_lm as reference_crate_lm
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
 
@@ -145,18 +146,34 @@ class BenchShape:
         return self.id
 
 
-# crate_kernels' model class -> the upstream class of reference/ that takes the same constructor arguments.
-_UPSTREAM = {CRATE: reference_crate.CRATE, CRATEAlpha: reference_crate_alpha.CRATE}
+# crate_kernels' model class -> the upstream model of reference/ built from the same registry configuration.
+_UPSTREAM = {
+    CRATE: lambda config: reference_crate.CRATE(**config),
+    CRATEAlpha: lambda config: reference_crate_alpha.CRATE(**config),
+    CRATELM: lambda config: reference_crate_lm.CRATE(
+        reference_crate_lm.CRATEConfig(
+            block_size=config["block_size"],
+            vocab_size=config["vocab_size"],
+            n_layer=config["depth"],
+            n_head=config["heads"],
+            n_embd=config["dim"],
+        )
+    ),
+}
 _SHORT = {"tiny": "t", "small": "s", "base": "b", "large": "l"}
 
 
 def _short(name: str) -> str:
     """``crate_base_patch16_224`` -> ``crate_b``, ``crate_alpha_base_patch16_224`` -> ``crate_alpha_b``,
-    ``crate_demo`` -> ``crate_demo``: readable shape ids."""
+    ``crate_lm_base`` -> ``crate_lm_b``, ``crate_demo`` -> ``crate_demo``: readable shape ids."""
     parts = name.split("_")
     if parts[-1] == "224":
         parts = parts[:-2]
     return "_".join(_SHORT.get(part, part) for part in parts)
+
+
+def is_language_model(name: str) -> bool:
+    return isinstance(_meta_model(name), CRATELM)
 
 
 def build_upstream(name: str, device: torch.device | str = "cpu", **overrides) -> nn.Module:
@@ -168,7 +185,7 @@ def build_upstream(name: str, device: torch.device | str = "cpu", **overrides) -
             f"name must be a preset with an upstream model in reference/ ({list(_UPSTREAM)}), got {name!r}"
         )
     with torch.device(device):
-        return _UPSTREAM[family](**config)
+        return _UPSTREAM[family](config)
 
 
 @functools.cache
@@ -181,21 +198,28 @@ def _meta_model(name: str) -> nn.Module:
 def model_shape(name: str) -> ModelShape:
     """Read the sizes of registered preset ``name`` off a meta-device instance of crate_kernels' model."""
     model = _meta_model(name)
-    config = {**model_config(name)}
+    config = model_config(name)
     attn, ista = model.transformer.layers[0][0].fn, model.transformer.layers[0][1].fn
-    signature = inspect.signature(type(model)).parameters
-    channels = config.get("channels", signature["channels"].default)
-    patch = config["patch_size"]
+    sizes = {
+        "name": name,
+        "short": _short(name),
+        "dim": config["dim"],
+        "depth": config["depth"],
+        "heads": attn.heads,
+        "dim_head": attn.qkv.out_features // attn.heads,
+        "overcomplete": ista.dictionaries()[0].numel() // config["dim"] ** 2
+        if isinstance(ista, OvercompleteISTA)
+        else 0,
+    }
+    if isinstance(model, CRATELM):
+        return ModelShape(
+            **sizes, tokens=config["block_size"], causal=True, head_out=config["vocab_size"], head_per_token=True
+        )
+    channels = config.get("channels", inspect.signature(type(model)).parameters["channels"].default)
     return ModelShape(
-        name=name,
-        short=_short(name),
-        dim=config["dim"],
-        depth=config["depth"],
-        heads=attn.heads,
-        dim_head=attn.qkv.out_features // attn.heads,
+        **sizes,
         tokens=model.pos_embedding.shape[1],
-        overcomplete=ista.D.shape[1] // config["dim"] if isinstance(ista, OvercompleteISTA) else 0,
-        embed_in=channels * patch * patch,
+        embed_in=channels * config["patch_size"] ** 2,
         head_out=config["num_classes"],
         image_size=config["image_size"],
         channels=channels,
@@ -208,12 +232,14 @@ def _on_gpu() -> bool:
 
 # (preset, batch) per machine. GPU: the batch of DESIGN §5's goals (B = 256 at 224/16); CPU: small enough that a
 # smoke run of every suite takes seconds. Layer- and op-level suites use op_shapes(), whole steps model_shapes().
-_GPU_OP = [("crate_tiny_patch16_224", 256), ("crate_small_patch16_224", 256), ("crate_base_patch16_224", 256),
-           ("crate_large_patch16_224", 256), ("crate_alpha_base_patch16_224", 256)]  # fmt: skip
-_GPU_MODEL = [("crate_tiny_patch16_224", 256), ("crate_small_patch16_224", 256), ("crate_base_patch16_224", 256),
-              ("crate_large_patch16_224", 128), ("crate_alpha_base_patch16_224", 256)]  # fmt: skip
-_CPU_OP = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_tiny_patch16_224", 2)]
-_CPU_MODEL = [("crate_demo", 8), ("crate_alpha_demo", 8)]
+# The causal LM runs at its preset context (1024 tokens) with B·N near the vision shapes' token count.
+_VISION = ["crate_tiny_patch16_224", "crate_small_patch16_224", "crate_base_patch16_224", "crate_large_patch16_224",
+           "crate_alpha_base_patch16_224"]  # fmt: skip
+_GPU_OP = [*((name, 256) for name in _VISION), ("crate_lm_base", 32)]
+# CRATE-L's whole training step at half the batch (eager upstream keeps every attention matrix for backward).
+_GPU_MODEL = [(name, 128 if "large" in name else 256) for name in _VISION] + [("crate_lm_base", 16)]
+_CPU_OP = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_lm_demo", 2), ("crate_tiny_patch16_224", 2)]
+_CPU_MODEL = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_lm_demo", 2)]
 
 
 def op_shapes() -> list[BenchShape]:
