@@ -61,9 +61,10 @@ def validate_summary(summary: dict) -> None:
                 raise ValueError(f"summary row {i}: {key} must be {kind}, finite, got {value!r}")
 
 
-def load_rows(paths: Iterable[Path]) -> tuple[list[dict], dict]:
-    """The harness rows of pytest-benchmark JSON files (``extra_info`` plus ``ms``), and the first run's header."""
-    rows, header = [], {}
+def load_rows(paths: Iterable[Path]) -> tuple[list[dict], dict, list[str]]:
+    """The harness rows of pytest-benchmark JSON files (``extra_info`` plus ``ms``), the first run's header, and the
+    names of the entries left out because the harness did not write them (their ``extra_info`` lacks its keys)."""
+    rows, header, left_out = [], {}, []
     for path in paths:
         data = json.loads(Path(path).read_text())
         if "benchmarks" not in data:
@@ -71,16 +72,16 @@ def load_rows(paths: Iterable[Path]) -> tuple[list[dict], dict]:
         header = header or {"datetime": data.get("datetime", ""), "machine_info": data.get("machine_info", {})}
         for bench in data["benchmarks"]:
             info = bench.get("extra_info", {})
-            missing = [k for k in _REQUIRED if k not in info]
-            if missing:
-                raise ValueError(f"{path}: {bench.get('fullname')} lacks extra_info {missing} (not a harness row)")
+            if any(k not in info for k in _REQUIRED):
+                left_out.append(bench.get("fullname", bench.get("name", "?")))
+                continue
             rows.append({**info, "ms": bench["stats"]["median"] * 1e3})
     if not rows:
-        raise ValueError("no benchmark rows in the given JSON")
+        raise ValueError(f"no harness rows in the given JSON ({len(left_out)} entries without its extra_info)")
     cards = sorted({r["card"] for r in rows})
     if len(cards) != 1:
         raise ValueError(f"rows from several cards {cards}: write one report per card")
-    return rows, header
+    return rows, header, left_out
 
 
 def _group_key(row: dict) -> tuple:
@@ -260,7 +261,9 @@ folder (`benchmarks/gpu_check.sh` writes it) so it becomes the baseline.
 """
 
 
-def render_markdown(rows: list[dict], header: dict, card: str, date: str, plots: list[str]) -> str:
+def render_markdown(
+    rows: list[dict], header: dict, card: str, date: str, plots: list[str], left_out: list[str] = ()
+) -> str:
     first = rows[0]
     machine = header.get("machine_info", {})
     lines = [
@@ -280,6 +283,13 @@ def render_markdown(rows: list[dict], header: dict, card: str, date: str, plots:
         lines.append(
             "- **No GPU in this run**: only CPU providers at small shapes were measured; every GPU row "
             "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed."
+        )
+    if left_out:
+        lines.append(
+            f"- {len(left_out)} benchmark entries were left out: their extra_info lacks the harness's keys "
+            f"{list(_REQUIRED)} (benchmarks/conftest.py): "
+            + ", ".join(f"`{name}`" for name in left_out[:10])
+            + (" …" if len(left_out) > 10 else "")
         )
     lines += ["", *_goal_lines(rows)]
     for (suite, op, mode, dtype), section in sorted(_sections(rows).items()):
@@ -339,7 +349,7 @@ def _draw_tflops(ax, rows: list[dict]) -> None:
 def write_report(paths: list[Path], out: Path | None = None) -> Path:
     """Write report.md, summary.json, the plots and the raw JSON (first path) into ``out`` (default
     ``benchmarks/results/<card>-<date>``); returns the folder."""
-    rows, header = load_rows(paths)
+    rows, header, left_out = load_rows(paths)
     card = rows[0]["card"]
     date = (header.get("datetime") or "")[:10] or "undated"
     out = Path(out) if out is not None else RESULTS / f"{slug(card)}-{date}"
@@ -348,7 +358,7 @@ def write_report(paths: list[Path], out: Path | None = None) -> Path:
     summary = summarize(rows, card, date)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plots = write_plots(rows, out)
-    (out / "report.md").write_text(render_markdown(rows, header, card, date, plots))
+    (out / "report.md").write_text(render_markdown(rows, header, card, date, plots, left_out))
     merged = json.loads(Path(paths[0]).read_text())
     for path in paths[1:]:
         merged["benchmarks"] += json.loads(Path(path).read_text())["benchmarks"]

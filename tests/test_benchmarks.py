@@ -124,15 +124,18 @@ def test_validate_summary_rejects_bad_schema(damage) -> None:
         report.validate_summary(summary)
 
 
-def test_report_refuses_foreign_rows_mixed_cards_and_duplicates(tmp_path: Path) -> None:
-    foreign = {"fullname": "x", "extra_info": {}, "stats": {"median": 1.0}}
-    with pytest.raises(ValueError, match="not a harness row"):
+def test_report_leaves_out_foreign_rows_refuses_mixed_cards_and_duplicates(tmp_path: Path) -> None:
+    foreign = {"fullname": "bench_x.py::bench_y[z]", "extra_info": {"op": "y"}, "stats": {"median": 1.0}}
+    with pytest.raises(ValueError, match="no harness rows"):
         report.load_rows([_write_run(tmp_path / "a.json", [foreign])])
+    out = report.write_report([_write_run(tmp_path / "a2.json", [foreign, _row("triton", True, 1e-3)])], tmp_path)
+    assert "1 benchmark entries were left out" in (out / "report.md").read_text()
+    assert [r["provider"] for r in json.loads((out / "summary.json").read_text())["rows"]] == ["triton"]
     mixed = [_row("triton", True, 1e-3), _row("upstream_eager", False, 2e-3, card="NVIDIA H200")]
     with pytest.raises(ValueError, match="several cards"):
         report.load_rows([_write_run(tmp_path / "b.json", mixed)])
     twice = _write_run(tmp_path / "c.json", [_row("triton", True, 1e-3)])
-    rows, _ = report.load_rows([twice, twice])
+    rows, _, _ = report.load_rows([twice, twice])
     with pytest.raises(ValueError, match="two rows"):
         report.add_speedups(rows)
 
