@@ -117,8 +117,9 @@ def card_info() -> dict:
             timeout=10,
             check=False,
         )
-        if result.returncode == 0:
-            info["clocks"] = "sm " + result.stdout.strip().replace(", ", " / ", 1).replace(", ", ", mem ", 1)
+        fields = [f.strip() for f in result.stdout.split(",")]
+        if result.returncode == 0 and len(fields) == 4:
+            info["clocks"] = f"SM {fields[0]} (max {fields[1]}), memory {fields[2]}, power limit {fields[3]}"
     return info
 
 

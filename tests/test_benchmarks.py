@@ -212,3 +212,38 @@ def test_suites_run_on_cpu_and_feed_the_report(tmp_path: Path) -> None:
     for row in raw_rows:  # the statistics pytest-benchmark keeps (and --benchmark-compare reads) are the harness's
         assert row["stats"]["median"] * 1e3 == pytest.approx(row["extra_info"]["median_ms"])
         assert row["extra_info"]["calls"] == row["stats"]["rounds"] >= 5
+
+
+def test_harness_modes_time_only_their_part() -> None:
+    """``bwd`` runs the forward in the untimed ``prepare`` and only the backward in the timed ``run``; ``fwd_bwd``
+    times both; input gradients are cleared before each call; the call count stays within the harness's bounds."""
+    from benchmarks import conftest as harness
+
+    counts = {"fwd": 0, "bwd": 0}
+
+    class Counted(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+            counts["fwd"] += 1
+            return 2 * x
+
+        @staticmethod
+        def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+            counts["bwd"] += 1
+            return 2 * grad
+
+    bench = harness.Bench(benchmark=None, ceilings=None, budget_s=0.0, suite="test")
+    x = torch.ones(3, requires_grad=True)
+    prepare, run = bench._prepare_and_run(Counted.apply, [(x,)], "bwd")
+    state = prepare()
+    assert counts == {"fwd": 1, "bwd": 0}
+    run(state)
+    assert counts == {"fwd": 1, "bwd": 1} and x.grad is not None
+    prepare, run = bench._prepare_and_run(Counted.apply, [(x,)], "fwd_bwd")
+    state = prepare()
+    assert x.grad is None and counts == {"fwd": 1, "bwd": 1}
+    run(state)
+    assert counts == {"fwd": 2, "bwd": 2}
+    times = harness._time_calls(prepare, run, torch.device("cpu"), budget_s=0.0)
+    assert len(times) == harness._MIN_CALLS and all(t > 0 for t in times)
+    assert counts["fwd"] == 2 + harness._WARMUP_CALLS + harness._MIN_CALLS
