@@ -30,7 +30,6 @@ RESULTS="benchmarks/results/${CARD_SLUG}-$(date -u +%F)"
 RAW=$(mktemp -d)
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
-exec > >(tee "$LOG") 2>&1
 FAILED=()
 
 # run_stage NAME CAP_SECONDS COMMAND...: run COMMAND with min(CAP, time left) seconds; skip it when under 20 s are left.
@@ -57,45 +56,52 @@ run_stage() {
     esac
 }
 
-echo "=== versions"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
-"$PYTHON" -c "
+main() {
+    echo "=== versions"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+    "$PYTHON" - <<'PY'
 import platform, torch, triton
-print(f'python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}')
-print(f'device: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}')
-"
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+print(f"device: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")
+PY
 
-run_stage "tests on the GPU" 150 "$PYTHON" -m pytest tests -m "not slow" -q -p no:cacheprovider --maxfail=20
+    run_stage "tests on the GPU" 150 "$PYTHON" -m pytest tests -m "not slow" -q -p no:cacheprovider --maxfail=20
 
-BENCH=("$PYTHON" -m pytest -q -p no:cacheprovider -rs --benchmark-columns=median,iqr,rounds --bench-deadline=@DEADLINE@)
-mapfile -t KERNEL_SUITES < <(ls benchmarks/bench_mssa.py benchmarks/bench_ista*.py 2>/dev/null)
-if ((${#KERNEL_SUITES[@]})); then
-    run_stage "kernel suites" 110 "${BENCH[@]}" "${KERNEL_SUITES[@]}" --benchmark-json="$RAW/kernels.json"
-else
-    echo "=== kernel suites: none in benchmarks/ yet"
-fi
-run_stage "model suites, uncompiled" 110 "${BENCH[@]}" benchmarks/bench_model.py -k "not compile" \
-    --benchmark-json="$RAW/model.json"
-run_stage "layer, torch.compile at CRATE-B/16" 90 "${BENCH[@]}" benchmarks/bench_model.py \
-    -k "bench_layer and compile and crate_b- and fwd_bwd" --benchmark-json="$RAW/layer_compile.json"
-run_stage "training step, torch.compile at CRATE-B/16" 150 "${BENCH[@]}" benchmarks/bench_model.py \
-    -k "bench_train_step and compile and crate_b- and not max_autotune" --benchmark-json="$RAW/step_compile.json"
+    BENCH=("$PYTHON" -m pytest -q -p no:cacheprovider -rs --benchmark-columns=median,iqr,rounds
+        --bench-deadline=@DEADLINE@)
+    mapfile -t KERNEL_SUITES < <(ls benchmarks/bench_mssa.py benchmarks/bench_ista*.py 2>/dev/null)
+    if ((${#KERNEL_SUITES[@]})); then
+        run_stage "kernel suites" 110 "${BENCH[@]}" "${KERNEL_SUITES[@]}" --benchmark-json="$RAW/kernels.json"
+    else
+        echo "=== kernel suites: none in benchmarks/ yet"
+    fi
+    run_stage "model suites, uncompiled" 110 "${BENCH[@]}" benchmarks/bench_model.py -k "not compile" \
+        --benchmark-json="$RAW/model.json"
+    run_stage "layer, torch.compile at CRATE-B/16" 90 "${BENCH[@]}" benchmarks/bench_model.py \
+        -k "bench_layer and compile and crate_b- and fwd_bwd" --benchmark-json="$RAW/layer_compile.json"
+    run_stage "training step, torch.compile at CRATE-B/16" 150 "${BENCH[@]}" benchmarks/bench_model.py \
+        -k "bench_train_step and compile and crate_b- and not max_autotune" --benchmark-json="$RAW/step_compile.json"
 
-echo "=== report (${SECONDS}s elapsed)"
-mapfile -t RUNS < <(ls "$RAW"/*.json 2>/dev/null)
-if ((${#RUNS[@]})) && "$PYTHON" -m benchmarks.report "${RUNS[@]}" --out "$RESULTS"; then
-    sed -n '1,200p' "$RESULTS/report.md"
-else
-    FAILED+=("report")
-fi
-rm -rf "$RAW"
+    echo "=== report (${SECONDS}s elapsed)"
+    mapfile -t RUNS < <(ls "$RAW"/*.json 2>/dev/null)
+    if ((${#RUNS[@]})) && "$PYTHON" -m benchmarks.report "${RUNS[@]}" --out "$RESULTS"; then
+        sed -n '1,200p' "$RESULTS/report.md"
+    else
+        FAILED+=("report")
+    fi
+    rm -rf "$RAW"
 
-echo "=== done in ${SECONDS}s; results in $RESULTS"
-if ((${#FAILED[@]})); then
-    printf 'gpu_check: not clean: %s\n' "${FAILED[@]}"
-fi
-if [[ -n "${OUT:-}" ]]; then
+    echo "=== done in ${SECONDS}s; results in $RESULTS"
+    if ((${#FAILED[@]})); then
+        printf 'gpu_check: not clean: %s\n' "${FAILED[@]}"
+    fi
+    ((${#FAILED[@]} == 0))
+}
+
+main 2>&1 | tee "$LOG"
+STATUS=${PIPESTATUS[0]}
+if [[ -n "${OUT:-}" ]]; then  # after tee has finished, so the copied log is complete
     mkdir -p "$OUT/$(basename "$RESULTS")"
     cp "$RESULTS"/* "$OUT/$(basename "$RESULTS")/"
 fi
-((${#FAILED[@]} == 0))
+exit "$STATUS"
