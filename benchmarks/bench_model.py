@@ -51,7 +51,8 @@ def _model_for(provider: Provider, shape: BenchShape, device: torch.device, dtyp
     if not provider.ours:
         model = upstream
     elif is_language_model(shape.model.name):
-        model = crate_kernels.create_model(shape.model.name, **overrides).to(device)
+        with torch.device(device):
+            model = crate_kernels.create_model(shape.model.name, **overrides)
         model.load_state_dict(from_upstream_state_dict(upstream.state_dict()))
     else:
         crate_kernels.apply_crate_kernels(upstream)
