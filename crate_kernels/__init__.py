@@ -1,7 +1,7 @@
 """crate_kernels: fused Triton kernels, drop-in layers and models for CRATE (arXiv 2311.13110)."""
 
 from crate_kernels.backend import get_backend, not_supported_reasons, set_backend
-from crate_kernels.models import CRATE, create_model, list_models
+from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, create_model, list_models
 from crate_kernels.models.pretrained import from_pretrained, load_official, save_pretrained
 from crate_kernels.modules import ISTA, MSSA, OvercompleteISTA
 from crate_kernels.ops.ista import ista
@@ -11,8 +11,12 @@ from crate_kernels.patch import apply_crate_kernels, revert_crate_kernels
 
 __all__ = [
     "CRATE",
+    "CRATELM",
+    "CRATEMAE",
+    "CRATEMLM",
     "ISTA",
     "MSSA",
+    "CRATEAlpha",
     "OvercompleteISTA",
     "apply_crate_kernels",
     "create_model",

@@ -20,9 +20,9 @@ input of its MSSA (``LN(z)``) and the output of its ISTA block, and are removed 
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,20 +122,21 @@ def _is_crate_layer(layer: nn.Module) -> bool:
 
 
 def crate_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """The ``(PreNorm(MSSA), PreNorm(ISTA))`` pairs of the model's first CRATE layer stack, in depth order.
+    """Every ``(PreNorm(MSSA), PreNorm(ISTA))`` layer pair of the model, in module order (= depth order).
 
-    Any stack laid out as upstream's ``transformer.layers`` qualifies (our models, ``reference/``, upstream's own
-    classes); in CRATE-MAE that is the encoder.
+    Our models, ``reference/`` and upstream's own classes qualify: upstream CRATE-MAE keeps each encoder layer in its
+    own block (``blocks.{i}.layers.0``), ours in ``transformer.layers``. A CRATE-MAE decoder layer,
+    ``[PreNorm(synthesis), PreNorm(MSSA)]``, is not an encoder pair and is left out.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(_is_crate_layer(m) for m in module):
-            return [(layer[0], layer[1]) for layer in module]
-    raise ValueError(
-        f"model ({type(model).__name__}) has no CRATE layer stack: expected a ModuleList of "
-        "[PreNorm(MSSA), PreNorm(ISTA)] pairs with .norm/.fn (as upstream's model.transformer.layers)"
-    )
+    layers = [(m[0], m[1]) for m in model.modules() if _is_crate_layer(m)]
+    if not layers:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no CRATE layer: expected [PreNorm(MSSA), PreNorm(ISTA)] pairs "
+            "with .norm/.fn (as upstream's model.transformer.layers[i])"
+        )
+    return layers
 
 
 def _projections(mssa: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -471,15 +472,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _train_run_model(folder: Path, config: dict) -> nn.Module:
-    """A crate-train run folder: its resolved config names the model and overrides; the run exports the weights."""
+    """A crate-train run folder: its resolved ``config.json`` names the model (``model.name``, ``model.args``) and the
+    run exports ``model.safetensors`` at the end."""
+    from crate_kernels.train.config import parse_model_args  # one parser for --model.args, the trainer's
+
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint: {folder} has no model.safetensors (crate-train writes it at the end)")
-    overrides = {}
-    for item in filter(None, str(config["model"].get("args", "")).split(",")):
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = ast.literal_eval(value.strip())
-    model = create_model(config["model"]["name"], **overrides)
+    model = create_model(config["model"]["name"], **parse_model_args(str(config["model"].get("args", ""))))
     load_official(model, weights)
     return model
 
@@ -503,8 +503,20 @@ def build_model(name: str, checkpoint: str | None) -> tuple[nn.Module, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``crate-measure``: print the per-layer table, write layerwise.json and layerwise.png (and attention.png)."""
+    """``crate-measure``: print the per-layer table, write layerwise.json and layerwise.png (and attention.png).
+
+    Returns the exit status: 0, or 2 with a one-line message for a bad model name, checkpoint or data path.
+    """
     args = _parse_args(argv)
+    try:
+        _measure(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crate-measure: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> None:
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if args.device == "auto" else args.device)
     model, origin = build_model(args.model, args.checkpoint)
@@ -528,7 +540,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         title = f"{args.model}: [CLS] attention per head, last layer"
         written.append(plot_attention_maps(maps[0].cpu(), photo[0], out / "attention.png", title))
     print("\nwrote " + ", ".join(map(str, written)))
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,13 +45,15 @@ class PatchReport:
         return "\n".join(lines)
 
 
-def _is_upstream_attention(m: nn.Module) -> bool:
+def _is_upstream_attention(m: object) -> bool:
     return (
         type(m).__name__ == "Attention"
         and isinstance(getattr(m, "qkv", None), nn.Linear)
         and m.qkv.bias is None
         and isinstance(getattr(m, "heads", None), int)
         and isinstance(getattr(m, "to_out", None), (nn.Sequential, nn.Identity))
+        # upstream's CRATE-MAE decoder can build it with use_softmax=False (attend = Identity): not MSSA
+        and isinstance(getattr(m, "attend", None), nn.Softmax)
     )
 
 
@@ -75,6 +77,18 @@ def _is_upstream_overcomplete(m: nn.Module) -> bool:
         and hasattr(m, "eta")
         and hasattr(m, "lmbda")
     )
+
+
+def _synthesis_paths(model: nn.Module) -> set[str]:
+    """Paths of upstream CRATE-MAE decoder synthesis steps. Upstream names them ``FeedForward`` too (square
+    ``weight``, ``step_size``, ``lambd``) but they compute the plain linear map ``x Dᵀ``; they are the first block of
+    a ``[PreNorm(FeedForward), PreNorm(Attention)]`` decoder layer, where an ISTA step comes second."""
+    paths = set()
+    for path, m in _named_submodules(model):
+        is_pair = isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) == 2 and hasattr(m[0], "fn")
+        if is_pair and _is_upstream_attention(getattr(m[1], "fn", None)):
+            paths.add(f"{path}.0.fn")
+    return paths
 
 
 def _fused_attention(m: nn.Module) -> MSSA:
@@ -138,13 +152,14 @@ def apply_crate_kernels(model: nn.Module, mssa: bool = True, ista: bool = True) 
     fused_types = tuple(t for t, wanted in ((MSSA, mssa), (ISTA, ista), (OvercompleteISTA, ista)) if wanted)
 
     report = PatchReport()
+    synthesis = _synthesis_paths(model)
     made: dict[int, nn.Module] = {}  # id(original) -> its fused module, so a shared block stays shared
     for path, m in _named_submodules(model):
         if isinstance(m, fused_types):
             report.already_fused.append(path)
             continue
         build = next((b for is_kind, b in builders if is_kind(m)), None)
-        if build is None:
+        if build is None or path in synthesis:
             continue
         if id(m) not in made:
             new = build(m)

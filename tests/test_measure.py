@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import crate_kernels
 from crate_kernels import measure
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
 from reference.ista import OvercompleteISTABlock
 from tests.utils import seeded
 
@@ -113,6 +114,20 @@ def test_layerwise_measures_the_sparse_code_of_overcomplete_blocks():
     assert rows[1]["sparsity"] > 0.0
 
 
+def test_layerwise_is_the_same_on_our_crate_alpha_and_upstreams():
+    """Our OvercompleteISTA (code recomputed through ``dictionaries()``) and upstream's block measure alike."""
+    crate_kernels.set_backend("torch")
+    ours = crate_kernels.create_model("crate_alpha_demo", depth=2).double()
+    shared = ("image_size", "patch_size", "num_classes", "dim", "depth", "heads", "channels", "dim_head")
+    upstream = ref_crate_alpha.CRATE(**{k: ours.config[k] for k in shared}).double()
+    upstream.load_state_dict(ours.state_dict())
+    images = torch.rand(4, 1, 8, 8, generator=seeded(7), dtype=torch.float64)
+    ours_rows, upstream_rows = measure.layerwise(ours, images), measure.layerwise(upstream, images)
+    for a, b in zip(ours_rows, upstream_rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
+    assert ours_rows[-1]["sparsity"] > 0.0
+
+
 def test_attention_maps_are_the_cls_row_on_the_patch_grid():
     model = _tiny_reference().double()
     images = torch.rand(2, 1, 8, 8, generator=seeded(4), dtype=torch.float64)
@@ -127,7 +142,7 @@ def test_attention_maps_are_the_cls_row_on_the_patch_grid():
 
 
 def test_layerwise_rejects_a_model_without_crate_layers():
-    with pytest.raises(ValueError, match="no CRATE layer stack"):
+    with pytest.raises(ValueError, match="no CRATE layer"):
         measure.layerwise(torch.nn.Linear(3, 3), torch.zeros(1, 3))
 
 
@@ -157,3 +172,25 @@ def test_cli_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert [r["layer"] for r in report["rows"]] == [0, 1, 2]
     for name in ("layerwise.png", "attention.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    assert measure.main(["--model", "crate_nope", "--out", str(tmp_path)]) == 2
+    assert "crate-measure: error: unknown model name 'crate_nope'" in capsys.readouterr().err
+    assert measure.main(["--data", str(tmp_path / "missing.npy"), "--out", str(tmp_path)]) == 2
+    assert "--data: expected 'digits' or an existing" in capsys.readouterr().err
+
+
+def test_cli_reads_a_crate_train_run_folder(tmp_path, capsys):
+    """A run folder as crate-train leaves it: the resolved config.json and the exported model.safetensors."""
+    pytest.importorskip("crate_kernels.train.config", reason="crate_kernels.train is not merged on this branch")
+    from safetensors.torch import save_file
+
+    crate_kernels.set_backend("torch")
+    model = crate_kernels.create_model("crate_demo", depth=2, dim_head=8)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    config = {"model": {"name": "crate_demo", "args": "depth=2,dim_head=8"}, "steps": 10}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert measure.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "m"), "--batch-size", "8"]) == 0
+    assert "crate_demo from" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "m" / "layerwise.json").read_text())["rows"]) == 2

@@ -7,6 +7,8 @@ from torch import nn
 import crate_kernels
 from crate_kernels import ISTA, MSSA, OvercompleteISTA, apply_crate_kernels, revert_crate_kernels
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
+from reference import crate_mae as ref_crate_mae
 from reference.ista import FeedForward, OvercompleteISTABlock
 from reference.mssa import Attention
 from tests.utils import assert_close_to_ref, seeded
@@ -97,6 +99,50 @@ def test_apply_swaps_overcomplete_blocks_and_shared_blocks_once():
         assert_close_to_ref("patched overcomplete", model[0](x), expected)
     revert_crate_kernels(model)
     assert model[0][0] is attn and model[1][1] is block
+
+
+def test_apply_on_upstream_crate_alpha_keeps_outputs():
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(0)
+    model = ref_crate_alpha.CRATE(
+        image_size=8, patch_size=2, num_classes=10, dim=16, depth=2, heads=2, channels=1, dim_head=8
+    )
+    model = model.double().eval()
+    images = torch.rand(2, 1, 8, 8, generator=seeded(3), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(images)
+    report = apply_crate_kernels(model)
+    assert sorted(set(report.swapped.values())) == [
+        ("Attention", "MSSA"),
+        ("OvercompleteISTABlock", "OvercompleteISTA"),
+    ]
+    assert model.transformer.layers[0][0].fn.to_out[0].bias is None  # the bias-free projection is kept as it is
+    with torch.no_grad():
+        assert_close_to_ref("patched CRATE-α", model(images), expected)
+
+
+def test_apply_skips_the_mae_decoders_synthesis_step():
+    """Upstream's CRATE-MAE decoder calls its linear synthesis ``FeedForward`` (square weight, step_size, lambd):
+    it comes first in its layer and must not become an ISTA step; the attention after it is plain MSSA."""
+    crate_kernels.set_backend("torch")
+    upstream_name = type("FeedForward", (ref_crate_mae.DecoderFeedForward,), {})
+    torch.manual_seed(0)
+    layer = nn.ModuleList(
+        [ref_crate.PreNorm(16, upstream_name(16, 16)), ref_crate.PreNorm(16, Attention(16, heads=2, dim_head=8))]
+    )
+    model = nn.ModuleList([layer]).double()
+    x = torch.randn(2, 5, 16, generator=seeded(4), dtype=torch.float64)
+
+    def decode(x):
+        y_half = layer[0](x)
+        return y_half - layer[1](y_half)
+
+    with torch.no_grad():
+        expected = decode(x)
+    report = apply_crate_kernels(model)
+    assert report.swapped == {"0.1.fn": ("Attention", "MSSA")}
+    with torch.no_grad():
+        assert_close_to_ref("patched decoder layer", decode(x), expected)
 
 
 def test_apply_leaves_crate_kernels_models_alone():

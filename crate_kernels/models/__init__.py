@@ -22,14 +22,11 @@ for _size, (_dim, _depth, _heads) in _CRATE_SIZES.items():
             dim_head=_dim // _heads,
         )
 
-# CRATE-α: S/16 and B/16 from upstream's width table, L/14 as its released checkpoint.
-for _name, _patch, (_dim, _depth, _heads) in [
-    ("small", 16, (576, 12, 12)),
-    ("base", 16, (768, 12, 12)),
-    ("large", 14, (1024, 24, 16)),
-]:
+# CRATE-α: the same widths (upstream's variant table); B/16 and L/14 are its released checkpoints.
+for _size, _patch in (("small", 16), ("base", 16), ("large", 14)):
+    _dim, _depth, _heads = _CRATE_SIZES[_size]
     register_model(
-        f"crate_alpha_{_name}_patch{_patch}_224",
+        f"crate_alpha_{_size}_patch{_patch}_224",
         CRATEAlpha,
         image_size=224,
         patch_size=_patch,

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crate_kernels.models import crate_lm, crate_mae
+from crate_kernels.models.crate import pair
 from crate_kernels.models.registry import create_model, model_config
 
 CONFIG_FILE = "config.json"
@@ -35,17 +37,12 @@ _CONTAINER_KEYS = ("state_dict", "model", "module")  # where training scripts ne
 _KEY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
 _POS_EMBEDDING = re.compile(r"(^|\.)(\w*pos_embed(ding)?)$")
 
-# Key layouts of the official code that differ from ours, as (pattern, replacement) rules. Ours equals upstream's for
-# vanilla CRATE, CRATE-MAE and CRATE-α's torch inference code, so those need no rule.
-LAYOUTS: dict[str, list[tuple[str, str]]] = {
-    "crate_kernels": [],
-    "crate-lm": [
-        (r"^transformer\.h\.(\d+)\.prenorm_1\.", r"transformer.layers.\1.0.norm."),
-        (r"^transformer\.h\.(\d+)\.attn\.c_attn\.", r"transformer.layers.\1.0.fn.qkv."),
-        (r"^transformer\.h\.(\d+)\.attn\.c_proj\.", r"transformer.layers.\1.0.fn.to_out.0."),
-        (r"^transformer\.h\.(\d+)\.prenorm_2\.", r"transformer.layers.\1.1.norm."),
-        (r"^transformer\.h\.(\d+)\.ista\.", r"transformer.layers.\1.1.fn."),
-    ],
+# Key layouts of the official code, each as a converter to ours. Ours equals upstream's for vanilla CRATE and for
+# CRATE-α's torch inference code; upstream CRATE-MAE keeps each layer in its own block; crate-lm is nanoGPT-shaped.
+LAYOUTS: dict[str, Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]] = {
+    "crate_kernels": dict,
+    "crate-mae": crate_mae.from_upstream_state_dict,
+    "crate-lm": crate_lm.from_upstream_state_dict,
 }
 
 
@@ -121,15 +118,6 @@ def _unwrap(obj: Any) -> dict[str, torch.Tensor]:
 # --- matching ---------------------------------------------------------------------------------------------------------
 
 
-def _translate(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in rules:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
-
-
 def _fill_tied(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:
     """A tied parameter appears under several names in ``target``; a file may store it once (safetensors does)."""
     groups: dict[tuple, list[str]] = {}
@@ -144,15 +132,11 @@ def _fill_tied(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) 
                 state.setdefault(n, state[present[0]])
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
-
-
 def _target_grid(model: nn.Module, num_patches: int) -> tuple[int, int]:
     """The model's patch grid (from ``image_size`` / ``patch_size`` when it has them), else a square one."""
     image, patch = getattr(model, "image_size", None), getattr(model, "patch_size", None)
     if image is not None and patch is not None:
-        (hi, wi), (hp, wp) = _pair(image), _pair(patch)
+        (hi, wi), (hp, wp) = pair(image), pair(patch)
         if (hi // hp) * (wi // wp) == num_patches:
             return hi // hp, wi // wp
     side = math.isqrt(num_patches)
@@ -227,8 +211,8 @@ def load_official(
     target = model.state_dict()
 
     best = None
-    for layout, rules in LAYOUTS.items():
-        candidate = _translate(state, rules)
+    for layout, convert in LAYOUTS.items():
+        candidate = convert(state)
         _fill_tied(candidate, target)
         overlap = len(candidate.keys() & target.keys())
         if best is None or overlap > best[0]:

@@ -14,6 +14,17 @@ from crate_kernels.ops.ista import ista
 from crate_kernels.ops.ista_overcomplete import ista_overcomplete
 
 
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Autocast's dtype on x's device inside an autocast region, else None. Autocast does not reach the custom ops,
+    so the modules cast for them, as upstream's F.linear / einsum would be cast."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def _cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
+
+
 def _kaiming_parameter(*shape: int) -> nn.Parameter:
     """Upstream's init: ``kaiming_uniform_`` (a = 0), U(±√(6 / shape[1]))."""
     weight = torch.empty(*shape)
@@ -38,8 +49,9 @@ class ISTA(nn.Module):
         self.lambd = lambd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., D) → (..., D), non-negative."""
-        return ista(x, self.weight, step_size=self.step_size, lambd=self.lambd)
+        """x: (..., D) → (..., D), non-negative; in autocast's dtype inside an autocast region."""
+        x, weight = _cast(_autocast_dtype(x), x, self.weight)
+        return ista(x, weight, step_size=self.step_size, lambd=self.lambd)
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[0]}, step_size={self.step_size}, lambd={self.lambd}, backend={get_backend()!r}"
@@ -76,8 +88,15 @@ class OvercompleteISTA(nn.Module):
         return self.D, self.D1
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (..., D); residual: (..., D) added to the output (CRATE-α passes the block input). Returns (..., D)."""
-        D, D_out = self.dictionaries()
+        """x: (..., D); residual: (..., D) added to the output (CRATE-α passes the block input). Returns (..., D).
+
+        Inside an autocast region the code runs in autocast's dtype and the residual is added outside the op, so the
+        residual stream keeps its precision (as upstream's ``ff(x) + x``).
+        """
+        dtype = _autocast_dtype(x)
+        x, D, D_out = _cast(dtype, x, *self.dictionaries())
+        if dtype is not None and residual is not None:
+            return residual + ista_overcomplete(x, D, D_out, step_size=self.step_size, lambd=self.lambd)
         return ista_overcomplete(x, D, D_out, step_size=self.step_size, lambd=self.lambd, residual=residual)
 
     def extra_repr(self) -> str:

@@ -56,6 +56,8 @@ class MSSA(nn.Module):
         """x: (B, N, D); attn_mask: SDPA semantics (see ``crate_kernels.mssa``). Returns (B, N, D)."""
         B, N, _ = x.shape
         w = self.qkv(x).view(B, N, self.heads, self.dim_head).transpose(1, 2)  # (B, H, N, P) view, no copy
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.to(w.dtype)  # an additive mask follows w into autocast's dtype
         if self.training and self.attn_dropout > 0:
             # The fused core has no attention dropout (every preset uses 0); SDPA serves this training-only case.
             mask = _sdpa_mask(attn_mask, N, self.is_causal, w.device)

@@ -160,3 +160,17 @@ def test_classifier_compiles_fullgraph(name):
     torch.testing.assert_close(compiled(images), model(images))
     compiled(images).sum().backward()
     assert all(p.grad is not None for p in model.transformer.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_trains_under_autocast(family):
+    """bf16 autocast (the training loop's mixed precision): every op takes consistent dtypes, gradients reach every
+    parameter in fp32, and the logits stay within bf16 error of the fp32 model's."""
+    crate_kernels.set_backend("torch")
+    ours, _, config = _pair(family)
+    images = _images(config)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = ours(images)
+    logits.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ours.parameters())
+    torch.testing.assert_close(logits.float(), ours(images), atol=5e-2, rtol=5e-2)

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 import crate_kernels
 from crate_kernels import create_model, from_pretrained, load_official, save_pretrained
 from reference import crate as ref_crate
+from reference import crate_alpha as ref_crate_alpha
+from reference import crate_lm as ref_crate_lm
+from reference.crate_mae import MaskedAutoencoderCRATE
 from tests.utils import seeded
 
 # crate_demo's sizes (the model API contract), as upstream's CRATE class takes them
@@ -51,6 +54,70 @@ def test_load_official_vanilla_containers_give_upstream_outputs(tmp_path, wrap):
     images = torch.rand(3, 1, 8, 8, generator=seeded(0))
     with torch.no_grad():
         torch.testing.assert_close(model.double()(images.double()), upstream.double()(images.double()))
+
+
+def test_load_official_crate_alpha_pth_gives_upstream_outputs(tmp_path):
+    """CRATE-α's official torch checkpoints are bare state dicts of its torch_inference model."""
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(2)
+    upstream = ref_crate_alpha.CRATE(**DEMO)
+    path = tmp_path / "crate_alpha_demo.pth"
+    torch.save(upstream.state_dict(), path)
+    model = create_model("crate_alpha_demo")
+    assert load_official(model, path).num_tensors == len(upstream.state_dict())
+    images = torch.rand(2, 1, 8, 8, generator=seeded(1), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.double()(images), upstream.double()(images))
+
+
+def test_load_official_crate_mae_checkpoint_maps_upstream_blocks(tmp_path):
+    """Upstream CRATE-MAE saves {"model": ...} with each layer in its own block (blocks.{i}.layers.0.*)."""
+    torch.manual_seed(3)
+    upstream = MaskedAutoencoderCRATE(
+        img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=4, decoder_num_heads=4,
+    )  # fmt: skip
+    path = tmp_path / "crate_mae.pth"
+    torch.save({"model": upstream.state_dict(), "epoch": 9}, path)
+    model = create_model("crate_mae_demo")
+    assert load_official(model, path).layout == "crate-mae"
+    assert torch.equal(model.transformer.layers[2][1].fn.weight, upstream.blocks[2].layers[0][1].fn.weight)
+    assert torch.equal(model.decoder.layers[3][0].fn.weight, upstream.decoder_blocks[3].layers[0][0].fn.weight)
+
+
+def _upstream_lm_demo() -> ref_crate_lm.CRATE:
+    """crate-lm's model at crate_lm_demo's sizes."""
+    torch.manual_seed(4)
+    lm = create_model("crate_lm_demo")
+    config = ref_crate_lm.CRATEConfig(
+        block_size=lm.block_size, vocab_size=lm.vocab_size, n_layer=lm.config["depth"], n_head=lm.config["heads"],
+        n_embd=lm.config["dim"],
+    )  # fmt: skip
+    return ref_crate_lm.CRATE(config)
+
+
+def test_load_official_crate_lm_nanogpt_checkpoint(tmp_path):
+    """crate-lm's train.py saves nanoGPT's {"model", "optimizer", "model_args", "iter_num", ...}, keys prefixed with
+    _orig_mod. when the model was compiled; the unembedding is tied to the token embedding."""
+    crate_kernels.set_backend("torch")
+    upstream = _upstream_lm_demo()
+    state = {f"_orig_mod.{k}": v for k, v in upstream.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "model_args": {"n_layer": 4}, "iter_num": 100, "best_val_loss": 1.5}, path)
+    model = create_model("crate_lm_demo")
+    assert load_official(model, path).layout == "crate-lm"
+    assert model.lm_head.weight is model.wte.weight, "loading must keep the embedding tied"
+    idx = torch.randint(model.vocab_size, (2, 9), generator=seeded(5))
+    with torch.no_grad():
+        expected = upstream.double()(idx, targets=idx)[0]  # upstream gives every position's logits with targets
+        torch.testing.assert_close(model.double()(idx), expected)
+
+
+def test_save_and_from_pretrained_keep_tied_weights(tmp_path):
+    model = create_model("crate_lm_demo", depth=1)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "lm"))
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert torch.equal(loaded.wte.weight, model.wte.weight)
 
 
 def test_load_official_accepts_an_in_memory_container():
@@ -157,3 +224,20 @@ def test_save_pretrained_refuses_models_its_config_cannot_rebuild(tmp_path):
         save_pretrained(ref_crate.CRATE(**DEMO), tmp_path / "y")
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         from_pretrained(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_load_official_crate_small_checkpoint_layout_at_224_and_384():
+    """An official CRATE-S/16 checkpoint's layout (upstream's CRATE_small, Ma-Lab's container) fits our preset, and
+    resizes to 384² (a 24×24 grid) for fine-tuning at higher resolution."""
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(5)
+    upstream = ref_crate.CRATE_small()
+    checkpoint = {"state_dict": {f"module.{k}": v for k, v in upstream.state_dict().items()}, "best_acc1": 0.0}
+    model = create_model("crate_small_patch16_224")
+    load_official(model, checkpoint)
+    image = torch.rand(1, 3, 224, 224, generator=seeded(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(image), upstream.eval()(image), rtol=1e-4, atol=1e-4)
+    report = load_official(create_model("crate_small_patch16_224", image_size=384), checkpoint)
+    assert report.interpolated == {"pos_embedding": ((1, 197, 576), (1, 577, 576))}

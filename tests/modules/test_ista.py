@@ -89,3 +89,18 @@ def test_overcomplete_shared_is_crate_lm_dictionary_fp64():
 def test_ista_repr_names_backend():
     crate_kernels.set_backend("torch")
     assert "backend='torch'" in repr(ISTA(8)) and "backend='torch'" in repr(OvercompleteISTA(8, shared=True))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ista_modules_follow_autocast(backend):
+    """Inside autocast the modules run in autocast's dtype, as upstream's F.linear would; CRATE-α's residual is added
+    outside the op, so the residual stream keeps fp32."""
+    crate_kernels.set_backend(backend)
+    ista_module, ref = _ista_pair()
+    over, over_ref = _overcomplete_pair()
+    x, z = torch.randn(2, 9, 32, generator=seeded(0)), torch.randn(2, 9, 16, generator=seeded(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, over_out = ista_module(x), over(z, residual=z)
+    assert out.dtype == torch.bfloat16 and over_out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref.double()(x.double()), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(over_out.double(), over_ref.double()(z.double()) + z.double(), atol=2e-2, rtol=2e-2)
