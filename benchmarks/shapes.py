@@ -310,7 +310,8 @@ def train_step_flops(shape: BenchShape) -> float:
     """Forward + backward of the whole model: every layer, the patch embedding and the head (optimizer not counted)."""
     model, T = shape.model, shape.B * shape.N
     head_rows = T if model.head_per_token else shape.B
-    embed = gemm_flops(T, model.dim, model.embed_in, "fwd_bwd") if model.embed_in else 0.0
+    patches = shape.B * (shape.N - 1)  # every token but the class token is an embedded patch
+    embed = gemm_flops(patches, model.dim, model.embed_in, "fwd_bwd") if model.embed_in else 0.0
     return (
         model.depth * layer_flops(shape, "fwd_bwd")
         + embed
