@@ -1,0 +1,196 @@
+"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops (DESIGN §1.2, §1.3).
+
+``C = relu?(alpha · op(A) · op(B) + R − threshold)`` where each operand may be *gated*: an element is replaced by 0
+where a gate tensor of the operand's shape is ≤ 0. The gate is the relu mask of a saved activation, applied as the
+tile is loaded, so ``g = dOut ∘ 1[out > 0]`` is never written to memory (``where(out <= 0, 0, ·)`` is exactly
+torch's relu backward, NaN included).
+
+Square ISTA (``ops/ista.py``), with M = η(D − DᵀD) and tokens as rows:
+    forward   out = relu(x·M + x − ηλ)                    A = x, B = M, R = x, threshold ηλ, relu
+    backward  dx  = g·Mᵀ + g,  g = dOut ∘ 1[out > 0]      A = dOut gated by out, B = Mᵀ, R = dOut gated by out
+              C   = xᵀ·g (split-K over the tokens)        A = xᵀ, B = dOut gated by out
+The overcomplete chain (``kernels/ista_overcomplete.py``) uses the same kernel for its eleven products.
+
+Program map: program (t, s) owns output tile t (BLOCK_M × BLOCK_N; tiles in grouped order, GROUP_M row-tiles share
+each column sweep so the B tiles stay in L2) and the reduction slice [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT). Without
+split-K there is one slice and C is the result; with it, C is a (SPLIT, M, N) fp32 buffer of partial products that
+the launcher sums in a fixed order (deterministic, no atomics). Operands, gates, residual and output are read and
+written through their two strides (a transposed operand is a view, a stride-0 ``grad_out`` is read as is); row
+offsets are int64 (B·N·m passes 2³¹ for long sequences). Every load and store is masked: M, N, K need not be
+multiples of the blocks, and blocks are ≥ 16 so that every ``tl.dot`` dimension is ≥ 16 (padding rows/columns read 0).
+
+Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16
+``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store.
+``UPCAST`` converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic, DESIGN §4).
+``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul precision).
+"""
+
+import itertools
+import os
+
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    """Read when the configs are built, as Triton reads the same variable when ``@triton.jit`` decorates."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Hopper tiles: 64/128 token rows × 64/128/256 columns × K steps of 32/64, 3–4 stages (pruned per shape).
+
+    Interpreting: ONE config (two or more fail there, DESIGN §6), with large tiles because the interpreter pays per
+    program and per K step; 64 × 64 × 32 still leaves several tiles and K steps (and masked tails) at test shapes.
+    """
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+            num_stages=stages,
+        )
+        for block_m, block_n, block_k, stages in itertools.product((64, 128), (64, 128, 256), (32, 64), (3, 4))
+        # Shared memory per stage for 16-bit tiles: (BLOCK_M + BLOCK_N) · BLOCK_K · 2 bytes; Hopper has 228 KB.
+        if (block_m + block_n) * block_k * 2 * stages <= 160 * 1024 and block_m * block_n <= 128 * 256
+    ]
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles wider than the padded problem (all padding), and fp32 tiles too large for shared memory."""
+    m_pad = max(16, triton.next_power_of_2(named_args["M"]))
+    n_pad = max(16, triton.next_power_of_2(named_args["N"]))
+    k_pad = max(16, triton.next_power_of_2(named_args["K_PER_SPLIT"]))
+    wide = named_args["a_ptr"].element_size() == 4
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= m_pad
+        and c.kwargs["BLOCK_N"] <= n_pad
+        and c.kwargs["BLOCK_K"] <= k_pad
+        and not (
+            wide and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 4 * c.num_stages > 160 * 1024
+        )
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+
+
+@triton.jit
+def _load_tile(
+    ptr,
+    gate_ptr,
+    offs_r,  # (R,) int64 row indices
+    offs_c,  # (C,) column indices
+    mask,  # (R, C)
+    stride_r,
+    stride_c,
+    stride_gr,
+    stride_gc,
+    GATED: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """A masked tile (0 outside the bounds), zeroed where the gate is ≤ 0, fp32 when ``UPCAST``."""
+    tile = tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    if GATED:
+        gate = tl.load(gate_ptr + offs_r[:, None] * stride_gr + offs_c[None, :] * stride_gc, mask=mask, other=0.0)
+        if UPCAST:
+            gate = gate.to(tl.float32)
+        tile = tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
+    return tile
+
+
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M", "N", "K_PER_SPLIT", "A_GATED", "B_GATED", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
+)
+@triton.jit
+def _ista_gemm_kernel(
+    a_ptr,  # (M, K) through strides
+    a_gate_ptr,  # (M, K) gate of A (unused without A_GATED)
+    b_ptr,  # (K, N)
+    b_gate_ptr,  # (K, N) gate of B (unused without B_GATED)
+    r_ptr,  # (M, N) residual (unused without HAS_RESIDUAL)
+    r_gate_ptr,  # (M, N) gate of the residual (unused without R_GATED)
+    c_ptr,  # (M, N), or (SPLIT, M, N) fp32 partial products
+    M,
+    N,
+    K,
+    K_PER_SPLIT,  # reduction length of one split (K when not split)
+    stride_am,
+    stride_ak,
+    stride_agm,
+    stride_agk,
+    stride_bk,
+    stride_bn,
+    stride_bgk,
+    stride_bgn,
+    stride_rm,
+    stride_rn,
+    stride_rgm,
+    stride_rgn,
+    stride_cs,  # between partial products (0 when not split)
+    stride_cm,
+    stride_cn,
+    alpha,  # scales the product
+    threshold,  # subtracted after the residual is added
+    A_GATED: tl.constexpr,
+    B_GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    R_GATED: tl.constexpr,
+    RELU: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering (Triton tutorial 03): consecutive programs sweep GROUP_M row-tiles per column tile.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        offs_k = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < k_end  # also ends this split's slice where the next one begins
+        a = _load_tile(
+            a_ptr, a_gate_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :],
+            stride_am, stride_ak, stride_agm, stride_agk, A_GATED, UPCAST,
+        )  # fmt: skip
+        b = _load_tile(
+            b_ptr, b_gate_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :],
+            stride_bk, stride_bn, stride_bgk, stride_bgn, B_GATED, UPCAST,
+        )  # fmt: skip
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+
+    # Epilogue in fp32: Inductor may pass the scalars as fp64.
+    acc = acc * tl.cast(alpha, tl.float32)
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        acc += _load_tile(
+            r_ptr, r_gate_ptr, offs_m, offs_n, mask_c, stride_rm, stride_rn, stride_rgm, stride_rgn, R_GATED, True
+        )
+    acc = acc - tl.cast(threshold, tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # not maximum(acc, 0): NaN must propagate as in torch.relu
+    c_ptrs = c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
