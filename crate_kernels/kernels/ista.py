@@ -41,10 +41,10 @@ def gemm_configs() -> list[triton.Config]:
     """Hopper tiles: 64/128 token rows × 64/128/256 columns × K steps of 32/64, 3–4 stages (pruned per shape).
 
     Interpreting: ONE config (two or more fail there, DESIGN §6), with large tiles because the interpreter pays per
-    program and per K step; 64 × 64 × 32 still leaves several tiles and K steps (and masked tails) at test shapes.
+    program and per K step; 64 × 128 × 64 still leaves several tiles and K steps (and masked tails) at test shapes.
     """
     if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     return [
         triton.Config(
             {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
