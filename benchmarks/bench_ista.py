@@ -32,7 +32,8 @@ from reference.ista import ista_ref
 
 STEP_SIZE, LAMBD = 0.1, 0.1
 MODES = ["fwd_bwd", "fwd", "bwd"]
-CUBLAS = Provider("cublas_matmul", ours=False)
+# The GEMM-alone comparison is Triton against cuBLAS: both rows are GPU-only.
+CUBLAS = Provider("cublas_matmul", ours=False, gpu_only=True)
 TRITON_GEMM = Provider("triton_gemm", ours=True, gpu_only=True, backend="triton")
 
 
