@@ -38,7 +38,8 @@ def _interpreting() -> bool:
 
 
 def gemm_configs() -> list[triton.Config]:
-    """Hopper tiles: 64/128 token rows × 64/128/256 columns × K steps of 32/64, 3–4 stages (pruned per shape).
+    """Hopper tiles: 64/128 token rows × 64/128/256 columns × 64-deep K steps; 4 stages where 16-bit tiles fit in
+    160 KB of shared memory, else 3; 8 warps from 128 × 128 up. Pruned per shape by ``prune_gemm_configs``.
 
     Interpreting: ONE config (two or more fail there, DESIGN §6), with large tiles because the interpreter pays per
     program and per K step; 64 × 128 × 64 still leaves several tiles and K steps (and masked tails) at test shapes.
@@ -47,59 +48,35 @@ def gemm_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
     return [
         triton.Config(
-            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8},
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8},
             num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-            num_stages=stages,
+            num_stages=4 if (block_m + block_n) * 64 * 2 * 4 <= 160 * 1024 else 3,
         )
-        for block_m, block_n, block_k, stages in itertools.product((64, 128), (64, 128, 256), (32, 64), (3, 4))
-        # Shared memory per stage for 16-bit tiles: (BLOCK_M + BLOCK_N) · BLOCK_K · 2 bytes; Hopper has 228 KB.
-        if (block_m + block_n) * block_k * 2 * stages <= 160 * 1024 and block_m * block_n <= 128 * 256
+        for block_m, block_n in itertools.product((64, 128), (64, 128, 256))
     ]
 
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles wider than the padded problem (all padding), and fp32 tiles too large for shared memory."""
+    """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
+    shared memory of 16-bit ones)."""
     m_pad = max(16, triton.next_power_of_2(named_args["M"]))
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
-    k_pad = max(16, triton.next_power_of_2(named_args["K_PER_SPLIT"]))
     wide = named_args["a_ptr"].element_size() == 4
     kept = [
         c
         for c in configs
-        if c.kwargs["BLOCK_M"] <= m_pad
-        and c.kwargs["BLOCK_N"] <= n_pad
-        and c.kwargs["BLOCK_K"] <= k_pad
-        and not (
-            wide and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 4 * c.num_stages > 160 * 1024
-        )
+        if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
     ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 @triton.jit
-def _load_tile(
-    ptr,
-    gate_ptr,
-    offs_r,  # (R,) int64 row indices
-    offs_c,  # (C,) column indices
-    mask,  # (R, C)
-    stride_r,
-    stride_c,
-    stride_gr,
-    stride_gc,
-    GATED: tl.constexpr,
-    UPCAST: tl.constexpr,
-):
-    """A masked tile (0 outside the bounds), zeroed where the gate is ≤ 0, fp32 when ``UPCAST``."""
-    tile = tl.load(ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask, other=0.0)
+def _gate(tile, gate_ptrs, mask, UPCAST: tl.constexpr):
+    """``tile`` zeroed where the gate (a saved activation) is ≤ 0: torch's relu backward, NaN passing through."""
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0)
     if UPCAST:
-        tile = tile.to(tl.float32)
-    if GATED:
-        gate = tl.load(gate_ptr + offs_r[:, None] * stride_gr + offs_c[None, :] * stride_gc, mask=mask, other=0.0)
-        if UPCAST:
-            gate = gate.to(tl.float32)
-        tile = tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
-    return tile
+        gate = gate.to(tl.float32)
+    return tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
 
 
 @triton.autotune(
@@ -168,27 +145,43 @@ def _ista_gemm_kernel(
     k_start = pid_s * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
 
+    # Running pointers: int64 row/column bases formed once, advanced by BLOCK_K each step.
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_k = (k_start + offs_k).to(tl.int64)  # token indices when K runs over the tokens (split-K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + rows_k[None, :] * stride_ak
+    ag_ptrs = a_gate_ptr + offs_m[:, None] * stride_agm + rows_k[None, :] * stride_agk
+    b_ptrs = b_ptr + rows_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    bg_ptrs = b_gate_ptr + rows_k[:, None] * stride_bgk + offs_n[None, :] * stride_bgn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_start, k_end, BLOCK_K):
-        offs_k = (k + tl.arange(0, BLOCK_K)).to(tl.int64)
-        mask_k = offs_k < k_end  # also ends this split's slice where the next one begins
-        a = _load_tile(
-            a_ptr, a_gate_ptr, offs_m, offs_k, mask_m[:, None] & mask_k[None, :],
-            stride_am, stride_ak, stride_agm, stride_agk, A_GATED, UPCAST,
-        )  # fmt: skip
-        b = _load_tile(
-            b_ptr, b_gate_ptr, offs_k, offs_n, mask_k[:, None] & mask_n[None, :],
-            stride_bk, stride_bn, stride_bgk, stride_bgn, B_GATED, UPCAST,
-        )  # fmt: skip
+        mask_k = offs_k < k_end - k  # also ends this split's slice where the next one begins
+        mask_a = mask_m[:, None] & mask_k[None, :]
+        mask_b = mask_k[:, None] & mask_n[None, :]
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if A_GATED:
+            a = _gate(a, ag_ptrs, mask_a, UPCAST)
+            ag_ptrs += BLOCK_K * stride_agk
+        if B_GATED:
+            b = _gate(b, bg_ptrs, mask_b, UPCAST)
+            bg_ptrs += BLOCK_K * stride_bgk
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
 
     # Epilogue in fp32: Inductor may pass the scalars as fp64.
     acc = acc * tl.cast(alpha, tl.float32)
     mask_c = mask_m[:, None] & mask_n[None, :]
     if HAS_RESIDUAL:
-        acc += _load_tile(
-            r_ptr, r_gate_ptr, offs_m, offs_n, mask_c, stride_rm, stride_rn, stride_rgm, stride_rgn, R_GATED, True
-        )
+        residual = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_c, other=0.0)
+        residual = residual.to(tl.float32)
+        if R_GATED:
+            residual = _gate(
+                residual, r_gate_ptr + offs_m[:, None] * stride_rgm + offs_n[None, :] * stride_rgn, mask_c, True
+            )
+        acc += residual
     acc = acc - tl.cast(threshold, tl.float32)
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # not maximum(acc, 0): NaN must propagate as in torch.relu
