@@ -11,9 +11,18 @@ from crate_kernels.ops.ista import _ista_bwd_op, _ista_fwd_op
 from reference.ista import ista_ref
 from tests.utils import assert_close_to_ref, quick, seeded
 
-# (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384.
+# (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384, and more row
+# tiles than GROUP_M with several column tiles (the grouped tile order).
 SHAPES = quick(
-    [((2, 197, 48), 48), ((3, 17, 16), 16), ((1, 1, 24), 24), ((5, 64), 64), ((2, 9, 96), 96), ((3, 7, 384), 384)]
+    [
+        ((2, 197, 48), 48),
+        ((3, 17, 16), 16),
+        ((1, 1, 24), 24),
+        ((5, 64), 64),
+        ((2, 9, 96), 96),
+        ((3, 7, 384), 384),
+        ((1, 600, 160), 160),
+    ]
 )
 IDS = ["x".join(map(str, t)) for t, _ in SHAPES]
 BACKENDS = ["torch", "triton"]
@@ -88,6 +97,14 @@ DTYPES = [
 def test_ista_matches_reference(tokens, D, dtype, backend, device):
     use_backend(backend, device)
     _check(*_inputs(tokens, D, dtype, device=device))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ista_crate_base_shape(dtype, device):
+    """CRATE-B width with a full N = 197 sequence (minutes under the interpreter)."""
+    use_backend("triton", device)
+    _check(*_inputs((2, 197, 768), 768, dtype, device=device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

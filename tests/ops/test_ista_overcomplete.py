@@ -106,6 +106,15 @@ def test_ista_overcomplete_matches_reference(tokens, D, m, dtype, variant, backe
     _check(_inputs(tokens, D, m, dtype, variant, device))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ista_overcomplete_crate_alpha_shape(dtype, variant, device):
+    """A CRATE-α-like width (384, m = 4D) over a full N = 197 sequence (minutes under the interpreter)."""
+    use_backend("triton", device)
+    _check(_inputs((2, 197, 384), 384, 1536, dtype, variant, device))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_overcomplete_strided_input(backend, device):
     """Strided x, residual and dictionaries: copied once where the tokens cannot collapse, else read in place."""
