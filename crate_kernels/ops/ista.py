@@ -65,6 +65,11 @@ def _device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _bucket(n: int) -> int:
+    """A size class for the autotune key: the next power of two, capped at 2¹⁶."""
+    return min(triton.next_power_of_2(max(n, 1)), 1 << 16)
+
+
 def _launch(
     a: Operand,
     b: Operand,
@@ -88,7 +93,7 @@ def _launch(
     with _device(c):
         _ista_gemm_kernel[grid](
             a_t, a_gate, b_t, b_gate, r_t, r_gate, c,
-            M, N, K, k_per_split,
+            M, N, K, k_per_split, _bucket(M), _bucket(N), _bucket(k_per_split),
             *a_strides, *a_gate_strides, *b_strides, *b_gate_strides, *r_strides, *r_gate_strides, *c_strides,
             float(alpha), float(threshold),
             A_GATED=isinstance(a, Gated),
