@@ -19,7 +19,7 @@ def interpreting() -> bool:
 def attention_configs() -> list[triton.Config]:
     """MSSA forward and backward tiles for Hopper: BLOCK_M query (owned) rows × BLOCK_N key rows per inner step."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))

@@ -30,6 +30,17 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
+def _to_store_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """fp32 ``x`` cast for a store. Under UPCAST (the interpreter, bf16) the cast would truncate: round to nearest
+    even on the bits first, as a GPU store does; the backward's Δ = rowsum(dO ∘ O) is sensitive to a biased O."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _mssa_fwd_tiles(
     acc,
     m_i,
@@ -163,7 +174,7 @@ def _mssa_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     out_ptrs = Out + b * stride_ob + h * stride_oh + rows * stride_on + offs_p[None, :] * stride_op
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=tile_mask)
+    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST), mask=tile_mask)
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -260,7 +271,8 @@ def _mssa_bwd_tiles(
                 valid = valid & (offs_m[:, None] >= offs_n[None, :])
             if HAS_MASK:
                 valid = valid & (tl.load(mask_q_ptrs, mask=in_bounds, other=0) != 0)
-            a = tl.where(valid, tl.math.exp2(s - lse_i[:, None]), 0.0)  # A_IJ
+            # Masked entries enter exp2 as −inf: exp2(S − lse) of a pair the forward never summed may overflow.
+            a = tl.math.exp2(tl.where(valid, s - lse_i[:, None], float("-inf")))  # A_IJ
             dp = tl.dot(do_i, tl.trans(w_j), input_precision=DOT_PRECISION)  # dP_IJ = dO_I W_Jᵀ
             ds += a * (dp - delta_i[:, None])
         if KEY:
@@ -274,7 +286,7 @@ def _mssa_bwd_tiles(
                 valid = valid & (offs_m[:, None] <= offs_n[None, :])
             if HAS_MASK:
                 valid = valid & (tl.load(mask_k_ptrs, mask=in_bounds, other=0) != 0)
-            a_t = tl.where(valid, tl.math.exp2(s - lse_j[None, :]), 0.0)  # A_JIᵀ
+            a_t = tl.math.exp2(tl.where(valid, s - lse_j[None, :], float("-inf")))  # A_JIᵀ
             dp_t = tl.dot(w_i, tl.trans(do_j), input_precision=DOT_PRECISION)  # dP_JIᵀ = W_I dO_Jᵀ
             ds += a_t * (dp_t - delta_j[None, :])
             acc = tl.dot(a_t.to(do_j.dtype), do_j, acc=acc, input_precision=DOT_PRECISION)
@@ -399,4 +411,4 @@ def _mssa_bwd_kernel(
             True, True, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
     dw_ptrs = dW + b * stride_gb + h * stride_gh + rows * stride_gn + offs_p[None, :] * stride_gp
-    tl.store(dw_ptrs, acc.to(dW.dtype.element_ty), mask=tile_mask)
+    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST), mask=tile_mask)
