@@ -91,16 +91,10 @@ def _randn(shape, device, dtype=torch.float32, seed=0) -> torch.Tensor:
     return torch.randn(shape, generator=seeded(seed)).to(device, dtype)
 
 
-def _skip_cpu_torch_bf16(backend_name: str, device: torch.device, dtype: torch.dtype) -> None:
-    if backend_name == "torch" and dtype == torch.bfloat16 and device.type == "cpu":
-        pytest.skip("bf16 SDPA on CPU is the PyTorch path's own business; the kernels' bf16 is what is tested here")
-
-
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_mssa_matches_reference(shape, dtype, backend_name, device):
-    _skip_cpu_torch_bf16(backend_name, device, dtype)
     _use(backend_name)
     _check(_randn(shape, device, dtype))
 
