@@ -2,7 +2,9 @@
 
 Under ``TRITON_INTERPRET=1`` every generator returns ONE config: the interpreter cannot benchmark (two or more configs
 fail with '0 active drivers', DESIGN §6) and it costs ≈ 2–4 ms per program × tile, so that config takes large blocks.
-Tests that need small blocks (multi-tile loops, masked tails) swap an autotuned kernel's ``configs`` list.
+``CRATE_KERNELS_AUTOTUNE=0`` (read at import) keeps one safe default config on GPU too: test suites that meet many
+distinct shapes would otherwise benchmark every config for each. Tests that need small blocks (multi-tile loops,
+masked tails) swap an autotuned kernel's ``configs`` list.
 """
 
 import itertools
@@ -16,10 +18,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def autotuning() -> bool:
+    return os.environ.get("CRATE_KERNELS_AUTOTUNE", "1") != "0"
+
+
 def attention_configs() -> list[triton.Config]:
     """MSSA forward and backward tiles for Hopper: BLOCK_M query (owned) rows × BLOCK_N key rows per inner step."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)]
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
