@@ -40,11 +40,11 @@ def _use(name: str) -> None:
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
-    """Swap the autotuned kernels' single config for small tiles, so few tokens still span many tiles and tails."""
+def tiles(monkeypatch):
+    """Swap the autotuned kernels' configs for one given tile: small ones make few tokens span many tiles and tails."""
 
-    def use(block_m: int, block_n: int) -> None:
-        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=4, num_stages=1)
+    def use(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1) -> None:
+        config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
         for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
@@ -221,15 +221,33 @@ def test_mssa_deterministic_backward(is_causal, backend_name, device):
 @pytest.mark.parametrize(
     ("block_m", "block_n"), [(16, 16), (32, 16), (16, 32)], ids=["16x16", "rows32xkeys16", "rows16xkeys32"]
 )
-def test_mssa_small_blocks_cover_tiles_tails_and_the_causal_band(block_m, block_n, small_blocks, device):
+def test_mssa_small_blocks_cover_tiles_tails_and_the_causal_band(block_m, block_n, tiles, device):
     """Many row and key tiles with partial tails; unequal tiles move the causal band off the block grid."""
     _use("triton")
-    small_blocks(block_m, block_n)
+    tiles(block_m, block_n)
     w = _randn((2, 2, 53, 48), device)
     mask = torch.rand(2, 1, 53, 53, generator=seeded(3)).to(device) > 0.3
     _check(w)
     _check(w, is_causal=True)
     _check(w, attn_mask=mask, is_causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("block_m", "block_n", "num_warps", "num_stages"),
+    [(128, 128, 8, 3), (128, 32, 4, 2), (64, 128, 4, 3), (64, 64, 8, 2)],
+    ids=["128x128", "128x32", "64x128", "64x64"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_mssa_autotune_tiles_gpu(block_m, block_n, num_warps, num_stages, dtype, tiles, device):
+    """The tiles autotuning may pick (tests run with CRATE_KERNELS_AUTOTUNE=0), each on its own, compiled for GPU."""
+    _use("triton")
+    tiles(block_m, block_n, num_warps, num_stages)
+    for N, P in [(197, 48), (257, 128), (300, 80)]:
+        w = _randn((2, 3, N, P), device, dtype)
+        mask = torch.rand(2, 1, N, N, generator=seeded(N)).to(device) > 0.2
+        _check(w)
+        _check(w, attn_mask=mask, is_causal=True)
 
 
 def _random_case(rng: random.Random, device: torch.device) -> tuple[torch.Tensor, dict]:
