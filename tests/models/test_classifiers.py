@@ -1,0 +1,162 @@
+"""The classifiers CRATE and CRATEAlpha against their upstream definitions in reference/: fp64 equality, state_dict
+both ways, both backends, presets, hooks, gradient checkpointing, torch.compile."""
+
+import pytest
+import torch
+
+import crate_kernels
+import reference.crate
+import reference.crate_alpha
+from crate_kernels import CRATE, create_model
+from crate_kernels.models import CRATEAlpha
+from tests.models.helpers import assert_all_close, assert_exactly_close, outputs_and_grads, randomized
+from tests.utils import seeded
+
+BACKENDS = ["torch", "triton"]
+TINY = {"image_size": 8, "patch_size": 2, "num_classes": 5, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16}
+# family -> (our class, upstream class, upstream presets by our size name)
+FAMILIES = {
+    "crate": (CRATE, reference.crate.CRATE),
+    "crate_alpha": (CRATEAlpha, reference.crate_alpha.CRATE),
+}
+
+
+def _pair(family, **overrides):
+    ours_cls, ref_cls = FAMILIES[family]
+    config = {**TINY, "channels": 1, **overrides}
+    ref = ref_cls(**config)
+    ref.load_state_dict(randomized(ref))
+    ours = ours_cls(**config)
+    ours.load_state_dict(ref.state_dict())
+    return ours, ref, config
+
+
+def _images(config, batch=2, dtype=torch.float32):
+    size = config["image_size"]
+    return torch.randn(batch, config["channels"], size, size, generator=seeded(0)).to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("crate", {}), ("crate", {"pool": "mean", "ista": 0.2}), ("crate_alpha", {})],
+    ids=["crate", "crate-mean-ista0.2", "crate_alpha"],
+)
+def test_classifier_matches_reference_fp64(family, overrides):
+    crate_kernels.set_backend("torch")
+    ours, ref, config = _pair(family, **overrides)
+    images = _images(config, dtype=torch.float64)
+    expected = outputs_and_grads(ref.double(), images)
+    assert_exactly_close(outputs_and_grads(ours.double(), images), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_forward_backward_matches_reference(family, backend):
+    crate_kernels.set_backend(backend)
+    ours, ref, config = _pair(family)
+    images = _images(config)
+    low = outputs_and_grads(ref, images) if backend != "torch" else None
+    assert_all_close(outputs_and_grads(ours, images), outputs_and_grads(ref.double(), images.double()), low)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_state_dict_round_trips_with_reference(family):
+    ours, ref, config = _pair(family)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    back = FAMILIES[family][1](**config)
+    back.load_state_dict(FAMILIES[family][0](**config).state_dict())  # strict, the other direction
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_crate_alpha_layout():
+    ours, _, _ = _pair("crate_alpha")
+    attn, ista = ours.transformer.layers[0]
+    assert attn.norm.eps == ista.norm.eps == 1e-6 and ours.mlp_head[0].eps == 1e-5
+    assert attn.fn.to_out[0].bias is None and ista.fn.D.shape == ista.fn.D1.shape == (32, 128)
+    assert ours.conv1.bias is not None
+
+
+# name -> upstream constructor of the same model (vanilla: reference/crate.py presets; CRATE-α: its torch presets,
+# S/16 from upstream's width table).
+PRESETS = {
+    "crate_tiny_patch16_224": reference.crate.CRATE_tiny,
+    "crate_small_patch16_224": reference.crate.CRATE_small,
+    "crate_base_patch16_224": reference.crate.CRATE_base,
+    "crate_large_patch16_224": reference.crate.CRATE_large,
+    "crate_alpha_small_patch16_224": lambda: reference.crate_alpha.CRATE(
+        image_size=224, patch_size=16, num_classes=1000, dim=576, depth=12, heads=12, dim_head=48
+    ),
+    "crate_alpha_base_patch16_224": reference.crate_alpha.CRATE_base,
+    "crate_alpha_large_patch14_224": reference.crate_alpha.CRATE_large,
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_have_upstream_keys_shapes_and_parameter_counts(name):
+    with torch.device("meta"):
+        ref = PRESETS[name]()
+        ours = create_model(name)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
+def test_crate_patch8_presets(size):
+    with torch.device("meta"):
+        patch16, patch8 = create_model(f"crate_{size}_patch16_224"), create_model(f"crate_{size}_patch8_224")
+    assert patch8.pos_embedding.shape[1] == 28 * 28 + 1 and patch8.to_patch_embedding[2].in_features == 3 * 8 * 8
+    assert patch8.transformer.layers[0][0].fn.heads == patch16.transformer.layers[0][0].fn.heads
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_hooks(family):
+    crate_kernels.set_backend("torch")
+    ours, _, config = _pair(family)
+    images = _images(config)
+    features = ours.forward_features(images)
+    assert features.shape == (2, 1 + 16, 32)
+    torch.testing.assert_close(ours.forward_head(features), ours(images))
+    torch.testing.assert_close(ours.forward_head(features, pre_logits=True), features[:, 0])
+    assert ours.no_weight_decay() <= dict(ours.named_parameters()).keys()
+    ours.reset_classifier(3)
+    assert ours(images).shape == (2, 3) and ours.num_classes == 3
+    ours.reset_classifier(0)
+    assert ours(images).shape == (2, 32)
+    with pytest.raises(ValueError, match="num_classes"):
+        ours.reset_classifier(-1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_grad_checkpointing_gives_the_same_gradients(family):
+    crate_kernels.set_backend("torch")
+    ours, _, config = _pair(family)
+    images = _images(config, dtype=torch.float64)
+    ours.double()
+    plain = outputs_and_grads(ours, images)
+    ours.set_grad_checkpointing()
+    assert_exactly_close(outputs_and_grads(ours, images), plain, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_classifier_rejects_bad_configs_and_images(family):
+    cls = FAMILIES[family][0]
+    with pytest.raises(ValueError, match="divisible"):
+        cls(**{**TINY, "image_size": 9})
+    with pytest.raises(ValueError, match="pool"):
+        cls(**TINY, pool="max")
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 8, 8\)"):
+        cls(**TINY)(torch.randn(2, 1, 8, 8))
+
+
+@pytest.mark.parametrize("name", ["crate_demo", "crate_alpha_demo"])
+def test_classifier_compiles_fullgraph(name):
+    crate_kernels.set_backend("torch")
+    model = create_model(name, depth=1)
+    images = torch.randn(2, 1, 8, 8, generator=seeded(0))
+    # aot_eager: Dynamo must capture one graph and AOTAutograd trace the backward; Inductor's C++ build adds ~40 s of
+    # CPU time here and checks nothing about the model.
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(images), model(images))
+    compiled(images).sum().backward()
+    assert all(p.grad is not None for p in model.transformer.parameters())
