@@ -13,6 +13,7 @@ import triton
 import crate_kernels
 from crate_kernels import backend
 from crate_kernels.kernels import mssa as kernels
+from crate_kernels.kernels.configs import default_attention_config
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
 from tests.utils import assert_close_to_ref, quick, seeded
@@ -37,6 +38,15 @@ def _use(name: str) -> None:
     if name == "triton" and not ON_DEVICE:
         pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
     crate_kernels.set_backend(name)
+
+
+@pytest.fixture(autouse=True)
+def _one_config_on_gpu(monkeypatch):
+    """On GPU, the default config instead of autotuning each of the many shapes here (each config is timed per new
+    key); the tiles autotuning may pick are tested one by one in test_mssa_autotune_tiles_gpu."""
+    if torch.cuda.is_available():
+        for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
+            monkeypatch.setattr(kernel, "configs", [default_attention_config()])
 
 
 @pytest.fixture
@@ -240,7 +250,7 @@ def test_mssa_small_blocks_cover_tiles_tails_and_the_causal_band(block_m, block_
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_mssa_autotune_tiles_gpu(block_m, block_n, num_warps, num_stages, dtype, tiles, device):
-    """The tiles autotuning may pick (tests run with CRATE_KERNELS_AUTOTUNE=0), each on its own, compiled for GPU."""
+    """The tiles autotuning may pick, each on its own, compiled for GPU (the other tests take the default tile)."""
     _use("triton")
     tiles(block_m, block_n, num_warps, num_stages)
     for N, P in [(197, 48), (257, 128), (300, 80)]:
