@@ -269,7 +269,11 @@ def mssa(
         is_causal: query i attends to keys j ≤ i; combines with ``attn_mask``.
 
     Returns:
-        (B, H, N, P); rows whose keys are all masked are zero (as SDPA).
+        (B, H, N, P); rows whose keys are all masked are zero (as SDPA). From the Triton kernels it is a view of
+        (B, N, H, P) storage, so ``out.transpose(1, 2).reshape(B, N, H * P)`` merges heads without a copy.
+
+    The fused kernels serve it when the backend allows (``crate_kernels.set_backend``) and ``_mssa_kernel_limits``
+    has no objection; their dw is deterministic (no atomics). Otherwise the PyTorch path below.
 
     Equivalent PyTorch::
 
