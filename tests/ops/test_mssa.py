@@ -80,8 +80,9 @@ def _run_ref(w: torch.Tensor, scale=None, is_causal=False, attn_mask=None) -> tu
 
 
 def _check(w: torch.Tensor, **kwargs) -> None:
-    """Both rules of DESIGN §4 for the kernels. The PyTorch path is held to the dtype ceilings (rule b) alone: on CPU,
-    SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20), ~5× the fp32 error of the math form.
+    """Both rules of DESIGN §4 where the kernels ran. The PyTorch path is held to the dtype ceilings (rule b) alone:
+    on CPU, SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20), ~5× the fp32 error of the math
+    form.
 
     fp32 dw is held to rule (b) alone as well: the FlashAttention backward takes Δ = rowsum(dO ∘ O) (issue 3), whose
     rounding does not cancel that of dP in dP − Δ as autograd's rowsum(dP ∘ A) does. Measured at 2×3×17×48: the
@@ -89,10 +90,13 @@ def _check(w: torch.Tensor, **kwargs) -> None:
     plain fp32 PyTorch reproduces the kernel's error to the last bit, so it is the formulation, not the kernel. In fp16
     and bf16 the operand rounding dominates and rule (a) applies."""
     out, dw = _run(w, **kwargs)
-    mask64 = kwargs.get("attn_mask")
-    ref64_kwargs = dict(kwargs, attn_mask=mask64 if mask64 is None or mask64.dtype == torch.bool else mask64.double())
+    mask, is_causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
+    ref64_kwargs = dict(kwargs, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
     out64, dw64 = _run_ref(w.double(), **ref64_kwargs)
-    out_lp, dw_lp = _run_ref(w, **kwargs) if crate_kernels.get_backend() != "torch" else (None, None)
+    kernels_ran = crate_kernels.get_backend() != "torch" and not backend.not_supported_reasons(
+        "mssa", w, mask, is_causal
+    )
+    out_lp, dw_lp = _run_ref(w, **kwargs) if kernels_ran else (None, None)
     assert_close_to_ref("out", out, out64, out_lp, kind="fwd")
     assert_close_to_ref("dw", dw, dw64, dw_lp if w.dtype != torch.float32 else None, kind="bwd")
 
