@@ -14,6 +14,7 @@ import crate_kernels
 from crate_kernels import backend
 from crate_kernels.kernels import mssa as kernels
 from crate_kernels.kernels.configs import default_attention_config
+from crate_kernels.ops import mssa as ops_mssa
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
 from tests.utils import assert_close_to_ref, quick, seeded
@@ -175,6 +176,36 @@ def test_mssa_reads_the_transposed_projection_and_custom_scale(backend_name, dev
     _check(w, scale=0.3)
     sliced = _randn((B, H, 2 * N, P + 5), device)[:, :, ::2, 3:]  # row stride 2(P + 5), a column offset
     _check(sliced, scale=0.3)
+
+
+class _LaunchSpy:
+    """Stands in for an autotuned kernel: records each launch's arguments, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(args)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_mssa_kernels_read_the_callers_storage_in_place(monkeypatch, device):
+    """No copy of the transposed projection or of a strided gradient: the kernels get the callers' storage."""
+    _use("triton")
+    fwd, bwd = _LaunchSpy(ops_mssa._mssa_fwd_kernel), _LaunchSpy(ops_mssa._mssa_bwd_kernel)
+    monkeypatch.setattr(ops_mssa, "_mssa_fwd_kernel", fwd)
+    monkeypatch.setattr(ops_mssa, "_mssa_bwd_kernel", bwd)
+    x = _randn((2, 21, 3, 32), device).requires_grad_()  # the projection output (B, N, H, P)
+    w = x.transpose(1, 2)
+    grad_out = _randn((2, 21, 3, 64), device, seed=1)[..., ::2].transpose(1, 2)
+    torch.autograd.grad(crate_kernels.mssa(w), x, grad_out)
+    (fwd_args,), (bwd_args,) = fwd.launches, bwd.launches
+    assert fwd_args[0].data_ptr() == x.data_ptr() and tuple(fwd_args[4:8]) == w.stride()
+    assert bwd_args[0].data_ptr() == x.data_ptr() and tuple(bwd_args[6:10]) == w.stride()
+    assert bwd_args[1].data_ptr() == grad_out.data_ptr() and tuple(bwd_args[10:14]) == grad_out.stride()
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
