@@ -29,6 +29,9 @@ import triton.language as tl
 from crate_kernels.kernels.configs import attention_configs, prune_attention_configs
 
 LOG2E = tl.constexpr(1.4426950408889634)
+# Sizes are not specialised (N = 1, N % 16): one compiled kernel serves every N; strides keep their specialisation
+# (stride 1 and 16-divisibility decide vectorised loads).
+_SIZES = ["H", "N", "P"]
 
 
 @triton.jit
@@ -103,7 +106,7 @@ def _mssa_fwd_tiles(
     key=["N", "P", "IS_CAUSAL", "HAS_MASK"],
     prune_configs_by={"early_config_prune": prune_attention_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _mssa_fwd_kernel(
     W,  # (B, H, N, P) input, any strides
     Out,  # (B, H, N, P) output, any strides (the launcher passes a (B, N, H, P) buffer's view)
@@ -180,7 +183,7 @@ def _mssa_fwd_kernel(
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _mssa_bwd_delta_kernel(
     Out,  # (B, H, N, P) forward output, any strides
     dOut,  # (B, H, N, P) upstream gradient, any strides (stride 0 when expanded)
@@ -306,7 +309,7 @@ def _mssa_bwd_tiles(
     key=["N", "P", "IS_CAUSAL", "HAS_MASK"],
     prune_configs_by={"early_config_prune": prune_attention_configs},
 )
-@triton.jit
+@triton.jit(do_not_specialize=_SIZES)
 def _mssa_bwd_kernel(
     W,  # (B, H, N, P) forward input, any strides
     dOut,  # (B, H, N, P) upstream gradient, any strides
