@@ -4,7 +4,10 @@ Every behaviour test runs on both backends; "triton" runs the kernels on CUDA, o
 """
 
 import math
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -411,6 +414,39 @@ def test_mssa_torch_compile_fullgraph(device):
     (dw_eager,) = torch.autograd.grad(out_eager.sum(), w_eager)
     torch.testing.assert_close(out, out_eager, rtol=0, atol=0)
     torch.testing.assert_close(dw, dw_eager, rtol=0, atol=0)
+
+
+def _compile_for_hopper(dtype: str, P_PAD: int, is_causal: bool, has_mask: bool) -> None:
+    """Compile the forward and backward to sm_90 cubin without a GPU (Triton's own ptxas). Needs the compiled
+    @triton.jit objects, so it runs in a process without TRITON_INTERPRET."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    pointers = {"W": f"*{dtype}", "Out": f"*{dtype}", "dOut": f"*{dtype}", "dW": f"*{dtype}"}
+    pointers |= {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8"}
+    constexprs = {"P_PAD": P_PAD, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "UPCAST": False}
+    constexprs |= {"DOT_PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 64}
+    for kernel in (kernels._mssa_fwd_kernel.fn, kernels._mssa_bwd_kernel.fn):
+        signature = {
+            name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "scale" else "i32")
+            for name in kernel.arg_names
+        }  # fmt: skip
+        source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        assert "wgmma" in compiled.asm["ptx"], f"{kernel.__name__} does not use Hopper's tensor cores"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_mssa_kernels_compile_for_hopper():
+    """The interpreter never compiles: catch what only the compiler rejects (types, dot shapes) on CPU too."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = (
+        "from tests.ops.test_mssa import _compile_for_hopper as c; "
+        "c('bf16', 64, True, True); c('fp16', 16, False, False)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.gpu
