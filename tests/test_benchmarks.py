@@ -177,7 +177,8 @@ def test_flops_follow_design_formulas() -> None:
 def _pytest_benchmarks(*args: str) -> subprocess.CompletedProcess:
     # Benchmarks time real providers: the Triton interpreter (CI exports it) would only slow the CPU rows down. One
     # thread: the demo shapes gain nothing from more, and on a shared two-core runner spinning threads cost 5×.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Neither the interpreter nor the xdist worker variables (pytest-benchmark disables itself under xdist).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     env |= {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "pytest", "benchmarks", "-q", "-p", "no:cacheprovider", *args],
