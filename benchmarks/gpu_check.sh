@@ -69,7 +69,12 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print(f"device: {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")
 PY
 
-    run_stage "tests on the GPU" 140 "$PYTHON" -m pytest tests -m "not slow" -q -p no:cacheprovider --maxfail=20
+    # Compiling the Triton variants dominates the GPU tests (5–15 s each for exact fp32): spread them over the CPU
+    # cores with pytest-xdist when the image has it.
+    local workers=()
+    "$PYTHON" -c "import xdist" 2>/dev/null && workers=(-n 8)
+    run_stage "tests on the GPU" 140 "$PYTHON" -m pytest tests -m "not slow" -q -p no:cacheprovider --maxfail=20 \
+        "${workers[@]}"
 
     BENCH=("$PYTHON" -m pytest -q -p no:cacheprovider -rs --benchmark-columns=median,iqr,rounds
         --bench-deadline=@DEADLINE@)
