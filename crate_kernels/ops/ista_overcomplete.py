@@ -3,12 +3,20 @@
 ``a₁ = relu(η·xD − ηλ)``, ``a₂ = relu(a₁ + η(x − a₁Dᵀ)D − ηλ)``, ``out = a₂·D_outᵀ (+ residual)``.
 CRATE-α decouples ``D_out = D1`` and adds the block input; crate-lm shares ``D_out = D`` with no residual.
 Four thin GEMMs: ``xD`` is computed once and reused by step 2; DᵀD (m×m, m = 4D) is never formed.
+
+The kernels (``kernels/ista_overcomplete.py``) reuse xD in the exact form ``η·xD − η(a₁Dᵀ)D = η(x − a₁Dᵀ)D``: step 1's
+GEMM emits a₁, the second GEMM emits ``r = x − a₁Dᵀ`` with x added in its epilogue, the third ``relu(a₁ + η·rD − ηλ)``.
+Same four GEMMs, no (T, m) xD buffer written and re-read, and the rounding of upstream's ``(a₁Dᵀ − x)D``.
 """
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from crate_kernels import backend
 from crate_kernels._checks import check_same, check_shape, check_tensor
+from crate_kernels.ops.ista import KERNEL_DTYPES, Gated, _tokens, gemm_epilogue, gemm_token_sum
 
 
 def _check_ista_overcomplete_args(
@@ -29,6 +37,161 @@ def _check_ista_overcomplete_args(
         check_tensor("residual", residual)
         check_shape("residual", residual, tuple(x.shape), "added to the output, shaped like x")
         check_same("residual", residual, "x", x)
+
+
+def _ista_overcomplete_kernel_limits(
+    x: torch.Tensor, D: torch.Tensor, D_out: torch.Tensor | None, residual: torch.Tensor | None
+) -> list[str]:
+    if x.dtype not in KERNEL_DTYPES:
+        return [f"x has dtype {x.dtype}; the ISTA kernels take float32, float16 or bfloat16"]
+    return []
+
+
+backend.register_kernel_limits("ista_overcomplete", _ista_overcomplete_kernel_limits)
+
+
+def _check_kernel_args(x: torch.Tensor, D: torch.Tensor, D_out: torch.Tensor, residual: torch.Tensor | None) -> None:
+    _check_ista_overcomplete_args(x, D, D_out, residual)
+    reasons = _ista_overcomplete_kernel_limits(x, D, D_out, residual)
+    if reasons:
+        raise ValueError("the overcomplete ISTA Triton kernels cannot take these inputs: " + "; ".join(reasons))
+
+
+class IstaOvercompleteForward(NamedTuple):
+    out: torch.Tensor  # (..., D) a₂·D_outᵀ (+ residual)
+    r: torch.Tensor  # (..., D) x − a₁Dᵀ, saved for the backward
+    a1: torch.Tensor  # (..., m) first ISTA step, saved for its relu mask and dD
+    a2: torch.Tensor  # (..., m) second ISTA step, saved for its relu mask and dD_out
+
+
+class IstaOvercompleteGrads(NamedTuple):
+    dx: torch.Tensor  # (..., D)
+    dD: torch.Tensor  # noqa: N815 (D, m), the paper's name
+    dD_out: torch.Tensor  # noqa: N815 (D, m)
+
+
+def ista_overcomplete_fwd(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    D_out: torch.Tensor,
+    step_size: float,
+    lambd: float,
+    residual: torch.Tensor | None = None,
+) -> IstaOvercompleteForward:
+    """Forward: four fused GEMMs over the T tokens (threshold, relu and residual in their epilogues).
+
+    ``a₁ = relu(η·xD − ηλ)``; ``r = x − a₁Dᵀ``; ``a₂ = relu(a₁ + η·rD − ηλ)``; ``out = a₂·D_outᵀ + residual``.
+
+    Args:
+        x: (..., D), any strides; fp32 / fp16 / bf16.
+        D, D_out: (D, m), x's dtype, any strides (crate-lm's ``weight.T`` is read as is); may be the same tensor.
+        residual: (..., D) or None.
+
+    Returns:
+        ``IstaOvercompleteForward(out, r, a1, a2)``, contiguous, x's dtype.
+    """
+    _check_kernel_args(x, D, D_out, residual)
+    tokens, threshold = _tokens(x), step_size * lambd
+    a1 = gemm_epilogue(tokens, D, alpha=step_size, threshold=threshold, relu=True)
+    r = gemm_epilogue(a1, D.t(), alpha=-1.0, residual=tokens)
+    a2 = gemm_epilogue(r, D, alpha=step_size, residual=a1, threshold=threshold, relu=True)
+    out = gemm_epilogue(a2, D_out.t(), residual=None if residual is None else _tokens(residual))
+    m_shape = (*x.shape[:-1], D.shape[1])
+    return IstaOvercompleteForward(out.view(x.shape), r.view(x.shape), a1.view(m_shape), a2.view(m_shape))
+
+
+def ista_overcomplete_bwd(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    D: torch.Tensor,
+    D_out: torch.Tensor,
+    r: torch.Tensor,
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    step_size: float,
+) -> IstaOvercompleteGrads:
+    """Backward of the chain, derived by hand; the relu masks come from the saved a₁, a₂ as the tiles are loaded.
+
+    With dO = grad_out, g₂ = (dO·D_out) ∘ 1[a₂ > 0] and g₁ = (g₂ − dr·D) ∘ 1[a₁ > 0]::
+
+        dr     = η·g₂Dᵀ                        (through a₂ = relu(a₁ + η·rD − ηλ))
+        dx     = dr + η·g₁Dᵀ                   (r = x − a₁Dᵀ passes dr to x; a₁ = relu(η·xD − ηλ))
+        dD     = η·rᵀg₂ − drᵀa₁ + η·xᵀg₁       (the three places D appears)
+        dD_out = dOᵀa₂
+        dresidual = dO                          (returned by the autograd formula, no kernel)
+
+    Token GEMMs: dO·D_out, g₂Dᵀ, g₂ − dr·D (residual epilogue), g₁Dᵀ + dr (residual epilogue); dD and dD_out are
+    split-K reductions over the tokens with deterministic sums. The ungated products dO·D_out and g₂ − dr·D are
+    stored; their gates are applied by every consumer as it loads them.
+
+    Args:
+        grad_out: (..., D), any strides. x, D, D_out: the forward's inputs. r, a1, a2: its saved activations.
+
+    Returns:
+        ``IstaOvercompleteGrads(dx (..., D), dD (D, m), dD_out (D, m))`` in the inputs' dtypes.
+    """
+    _check_kernel_args(x, D, D_out, None)
+    dO, tokens, r, a1, a2 = (_tokens(t) for t in (grad_out, x, r, a1, a2))
+    g2 = Gated(gemm_epilogue(dO, D_out), a2)
+    dr = gemm_epilogue(g2, D.t(), alpha=step_size)
+    g1 = Gated(gemm_epilogue(dr, D, alpha=-1.0, residual=g2), a1)
+    dx = gemm_epilogue(g1, D.t(), alpha=step_size, residual=dr)
+    dD = gemm_token_sum([(r, g2, step_size), (dr, a1, -1.0), (tokens, g1, step_size)])
+    dD_out = gemm_token_sum([(dO, a2, 1.0)])
+    return IstaOvercompleteGrads(dx.view(x.shape), dD.to(D.dtype), dD_out.to(D_out.dtype))
+
+
+@torch.library.custom_op("crate_kernels::ista_overcomplete_fwd", mutates_args=())
+def _ista_overcomplete_fwd_op(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    D_out: torch.Tensor,
+    residual: torch.Tensor | None,
+    step_size: float,
+    lambd: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(ista_overcomplete_fwd(x, D, D_out, step_size, lambd, residual))
+
+
+@_ista_overcomplete_fwd_op.register_fake
+def _(x, D, D_out, residual, step_size, lambd):
+    m_shape = (*x.shape[:-1], D.shape[1])
+    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(m_shape), x.new_empty(m_shape)
+
+
+@torch.library.custom_op("crate_kernels::ista_overcomplete_bwd", mutates_args=())
+def _ista_overcomplete_bwd_op(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    D: torch.Tensor,
+    D_out: torch.Tensor,
+    r: torch.Tensor,
+    a1: torch.Tensor,
+    a2: torch.Tensor,
+    step_size: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(ista_overcomplete_bwd(grad_out, x, D, D_out, r, a1, a2, step_size))
+
+
+@_ista_overcomplete_bwd_op.register_fake
+def _(grad_out, x, D, D_out, r, a1, a2, step_size):
+    return x.new_empty(x.shape), D.new_empty(D.shape), D_out.new_empty(D_out.shape)
+
+
+def _ista_overcomplete_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    x, D, D_out, residual, step_size, _ = inputs
+    _, r, a1, a2 = output
+    ctx.mark_non_differentiable(r, a1, a2)
+    ctx.save_for_backward(x, D, D_out, r, a1, a2)
+    ctx.step_size, ctx.has_residual = step_size, residual is not None
+
+
+def _ista_overcomplete_backward(ctx, grad_out: torch.Tensor, *_saved_activation_grads: None) -> tuple:
+    dx, dD, dD_out = torch.ops.crate_kernels.ista_overcomplete_bwd(grad_out, *ctx.saved_tensors, ctx.step_size)
+    return dx, dD, dD_out, grad_out if ctx.has_residual else None, None, None
+
+
+_ista_overcomplete_fwd_op.register_autograd(_ista_overcomplete_backward, setup_context=_ista_overcomplete_setup_context)
 
 
 def _ista_overcomplete_torch(
@@ -78,4 +241,7 @@ def ista_overcomplete(
     """
     _check_ista_overcomplete_args(x, D, D_out, residual)
     D_out = D if D_out is None else D_out
+    if backend.use_triton("ista_overcomplete", x, D, D_out, residual):
+        # crate-lm's shared dictionary enters twice: autograd adds dD and dD_out into the one gradient.
+        return _ista_overcomplete_fwd_op(x, D, D_out, residual, float(step_size), float(lambd))[0]
     return _ista_overcomplete_torch(x, D, D_out, float(step_size), float(lambd), residual)

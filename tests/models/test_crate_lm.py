@@ -180,3 +180,13 @@ def test_lm_rejects_bad_inputs():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible by heads"):
         CRATELM(**TINY, heads=3)
+
+
+def test_crate_lm_compiles_fullgraph():
+    crate_kernels.set_backend("torch")
+    model = create_model("crate_lm_demo", depth=1)
+    idx = _tokens(vocab=128)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # see test_classifier_compiles_fullgraph
+    torch.testing.assert_close(compiled(idx), model(idx))
+    compiled(idx).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

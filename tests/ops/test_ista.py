@@ -1,37 +1,69 @@
 """crate_kernels.ista against reference.ista_ref (upstream's three matmuls): output, dx and dD."""
 
+import random
+
 import pytest
 import torch
 
 import crate_kernels
+from crate_kernels import backend as backend_module
+from crate_kernels.ops.ista import _ista_bwd_op, _ista_fwd_op
 from reference.ista import ista_ref
 from tests.utils import assert_close_to_ref, quick, seeded
 
-# (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token.
-SHAPES = quick([((2, 197, 48), 48), ((3, 17, 16), 16), ((1, 1, 24), 24), ((5, 64), 64), ((2, 9, 96), 96)])
+# (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384, and more row
+# tiles than GROUP_M with several column tiles (the grouped tile order).
+SHAPES = quick(
+    [
+        ((2, 197, 48), 48),
+        ((3, 17, 16), 16),
+        ((1, 1, 24), 24),
+        ((5, 64), 64),
+        ((2, 9, 96), 96),
+        ((3, 7, 384), 384),
+        ((1, 600, 160), 160),
+    ]
+)
 IDS = ["x".join(map(str, t)) for t, _ in SHAPES]
-BACKENDS = ["torch"]
+BACKENDS = ["torch", "triton"]
+# 20 seeded random shapes everywhere, 200 on a GPU.
+RANDOM_SEEDS = [*range(20), *(pytest.param(s, marks=pytest.mark.gpu) for s in range(20, 200))]
+
+
+def use_backend(backend: str, device: torch.device) -> None:
+    """Select ``backend``; the kernels need CUDA tensors or the interpreter."""
+    if backend == "triton" and device.type != "cuda" and not backend_module.interpreting():
+        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+    crate_kernels.set_backend(backend)
 
 
 # How far every pre-activation is put from the relu kink: more than the rounding of x to the dtype can move it.
 KINK_MARGIN = {torch.float32: 0.05, torch.float64: 0.05, torch.float16: 0.5, torch.bfloat16: 1.5}
 
 
-def _inputs(tokens: tuple[int, ...], D: int, dtype: torch.dtype, step_size: float = 0.1, lambd: float = 0.1):
+def _inputs(
+    tokens: tuple[int, ...],
+    D: int,
+    dtype: torch.dtype,
+    step_size: float = 0.1,
+    lambd: float = 0.1,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+):
     """x and a kaiming-uniform dictionary, with every pre-activation away from the relu kink.
 
     Near the kink a low-precision rounding flips 1[out > 0] and the gradient there by |dOut|, which no tolerance
     should absorb: x is solved from chosen pre-activations, x = (pre + ηλ)(I + M)⁻¹ with M = η(D − DᵀD).
     """
-    weight = ((torch.rand(D, D, generator=seeded(1)) * 2 - 1) * (6 / D) ** 0.5).to(dtype).double()
-    pre = torch.randn(tokens, generator=seeded(0), dtype=torch.float64)
+    weight = ((torch.rand(D, D, generator=seeded(seed + 1)) * 2 - 1) * (6 / D) ** 0.5).to(dtype).double()
+    pre = torch.randn(tokens, generator=seeded(seed), dtype=torch.float64)
     pre = pre.sign() * (pre.abs() + KINK_MARGIN[dtype])
     M = step_size * (weight - weight.T @ weight)
     x = torch.linalg.solve((torch.eye(D, dtype=torch.float64) + M).T, (pre + step_size * lambd).reshape(-1, D).T).T
     x = x.reshape(tokens).to(dtype)
     achieved = x.double() + x.double() @ M - step_size * lambd
-    assert achieved.abs().min() > 1e-2, "rounding x moved a pre-activation onto the kink; widen KINK_MARGIN"
-    return x, weight.to(dtype)
+    assert achieved.numel() == 0 or achieved.abs().min() > 1e-2, "rounding x moved a pre-activation onto the kink"
+    return x.to(device), weight.to(dtype).to(device)
 
 
 def _run(fn, x, weight, **kwargs):
@@ -41,7 +73,7 @@ def _run(fn, x, weight, **kwargs):
     return (out, *torch.autograd.grad(out, (x, weight), grad_out))
 
 
-def _check(x, weight, step_size=0.1, lambd=0.1, backend="torch"):
+def _check(x, weight, step_size=0.1, lambd=0.1):
     kwargs = {"step_size": step_size, "lambd": lambd}
     actual = _run(crate_kernels.ista, x, weight, **kwargs)
     expected = _run(ista_ref, x.double(), weight.double(), **kwargs)
@@ -52,38 +84,122 @@ def _check(x, weight, step_size=0.1, lambd=0.1, backend="torch"):
         assert_close_to_ref(name, a, e, lp, kind=kind)
 
 
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "D"), SHAPES, ids=IDS)
-def test_ista_matches_reference(tokens, D, dtype, backend):
-    crate_kernels.set_backend(backend)
-    _check(*_inputs(tokens, D, dtype), backend=backend)
+def test_ista_matches_reference(tokens, D, dtype, backend, device):
+    use_backend(backend, device)
+    _check(*_inputs(tokens, D, dtype, device=device))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ista_crate_base_shape(dtype, device):
+    """CRATE-B width with a full N = 197 sequence (minutes under the interpreter)."""
+    use_backend("triton", device)
+    _check(*_inputs((2, 197, 768), 768, dtype, device=device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ista_step_size_and_lambd(backend):
-    crate_kernels.set_backend(backend)
-    _check(*_inputs((2, 13, 32), 32, torch.float32, 0.37, 0.5), step_size=0.37, lambd=0.5, backend=backend)
+def test_ista_step_size_and_lambd(backend, device):
+    use_backend(backend, device)
+    _check(*_inputs((2, 13, 32), 32, torch.float32, 0.37, 0.5, device=device), step_size=0.37, lambd=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ista_strided_input(backend):
-    crate_kernels.set_backend(backend)
-    x, weight = _inputs((2, 19, 64), 64, torch.float32)
-    _check(x[:, ::2, :48], weight[:48, :48], backend=backend)
+def test_ista_strided_input(backend, device):
+    """A token view that cannot collapse to (T, D) (copied once) and column slices read in place."""
+    use_backend(backend, device)
+    x, weight = _inputs((2, 19, 64), 64, torch.float32, device=device)
+    _check(x[:, ::2, :48], weight[:48, :48])
+    x, weight = _inputs((2, 7, 48), 48, torch.float32, device=device)
+    wide = torch.zeros(2, 7, 96, device=device)
+    wide[..., 1::2] = x  # every other column of wider storage: a (T, D) view with column stride 2
+    _check(wide[..., 1::2], weight)
 
 
-def test_ista_nan_propagates_like_reference():
-    x, weight = _inputs((2, 5, 16), 16, torch.float32)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ista_broadcast_grad_out(backend, device):
+    """``out.sum().backward()`` hands the backward a stride-0 grad_out, read without a copy."""
+    use_backend(backend, device)
+    x, weight = _inputs((2, 9, 24), 24, torch.float32, device=device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight)]
+    crate_kernels.ista(*leaves).sum().backward()
+    ref = [t.double().requires_grad_() for t in (x, weight)]
+    ista_ref(*ref).sum().backward()
+    for name, a, e in zip(("dx", "dD"), leaves, ref, strict=True):
+        assert_close_to_ref(name, a.grad, e.grad, kind="bwd")
+
+
+@pytest.mark.parametrize("seed", RANDOM_SEEDS)
+def test_ista_random_shapes(seed, device):
+    """Seeded random token counts, widths 16..160 (mostly not powers of two), η, λ, and every dtype of the device."""
+    use_backend("triton", device)
+    rng = random.Random(seed)
+    tokens = (*(rng.randint(1, 3) for _ in range(rng.randint(0, 1))), rng.randint(1, 70), rng.randint(16, 160))
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+    # η near upstream's 0.1: I + M = I + η(D − DᵀD) turns ill-conditioned past η ≈ 1/8 (DᵀD reaches ≈ 8 for a
+    # kaiming-uniform D), and the kink-avoiding x solved through it would then be huge.
+    step_size, lambd = rng.uniform(0.05, 0.12), rng.uniform(0.0, 0.5)
+    x, weight = _inputs(tokens, tokens[-1], dtypes[seed % len(dtypes)], step_size, lambd, device, seed)
+    _check(x, weight, step_size, lambd)
+
+
+def test_ista_repeated_backward_is_bitwise_equal(device):
+    use_backend("triton", device)
+    x, weight = _inputs((3, 67, 48), 48, torch.float16, device=device)
+    grads = [_run(crate_kernels.ista, x, weight) for _ in range(2)]
+    for first, second in zip(*grads, strict=True):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ista_nan_propagates_like_reference(backend, device):
+    use_backend(backend, device)
+    x, weight = _inputs((2, 5, 16), 16, torch.float32, device=device)
     x[1, 2, 3] = float("nan")
     assert torch.equal(crate_kernels.ista(x, weight).isnan(), ista_ref(x, weight).isnan())
 
 
-def test_ista_empty():
-    x = torch.randn(0, 5, 16, requires_grad=True)
-    weight = torch.randn(16, 16, requires_grad=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ista_empty(backend, device):
+    use_backend(backend, device)
+    x = torch.randn(0, 5, 16, requires_grad=True, device=device)
+    weight = torch.randn(16, 16, requires_grad=True, device=device)
     crate_kernels.ista(x, weight).sum().backward()
     assert x.grad.shape == x.shape and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_ista_forced_triton_lists_reasons(device):
+    use_backend("triton", device)
+    x, weight = torch.randn(2, 16, dtype=torch.float64, device=device), torch.randn(16, 16, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"x has dtype torch\.float64"):
+        crate_kernels.ista(x, weight.to(device))
+
+
+def test_ista_opcheck(device):
+    use_backend("triton", device)
+    x, weight = _inputs((2, 5, 24), 24, torch.float32, device=device)
+    torch.library.opcheck(_ista_fwd_op, (x.requires_grad_(), weight.requires_grad_(), 0.1, 0.1))
+    out = crate_kernels.ista(x.detach(), weight.detach())
+    torch.library.opcheck(_ista_bwd_op, (torch.randn_like(out), x.detach(), weight.detach(), out, 0.1))
+
+
+def test_ista_torch_compile_fullgraph(device):
+    use_backend("triton", device)
+    x, weight = _inputs((2, 9, 16), 16, torch.float32, device=device)
+    compiled = torch.compile(lambda a, b: crate_kernels.ista(a, b, step_size=0.1, lambd=0.1) * 2, fullgraph=True)
+    actual = _run(compiled, x, weight)
+    expected = _run(lambda a, b: ista_ref(a, b) * 2, x.double(), weight.double())
+    for name, a, e in zip(("out", "dx", "dD"), actual, expected, strict=True):
+        assert_close_to_ref(name, a, e, kind="bwd")
 
 
 def test_ista_gradcheck_fp64_away_from_the_kink():

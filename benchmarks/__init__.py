@@ -1,0 +1,1 @@
+"""Benchmark suites (pytest-benchmark): provider × shape × dtype × mode, the harness in conftest.py, the report."""

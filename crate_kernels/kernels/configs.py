@@ -1,0 +1,53 @@
+"""Autotune configurations shared by the kernels: small named generators, each with its prune function.
+
+Under ``TRITON_INTERPRET=1`` every generator returns ONE config: the interpreter cannot benchmark (two or more configs
+fail with '0 active drivers', DESIGN §6) and it costs ≈ 2–4 ms per program × tile, so that config takes large blocks.
+``CRATE_KERNELS_AUTOTUNE=0`` (read at import) keeps one safe default config on GPU too: test suites that meet many
+distinct shapes would otherwise benchmark every config for each. Tests that need small blocks (multi-tile loops,
+masked tails) swap an autotuned kernel's ``configs`` list.
+"""
+
+import itertools
+import os
+
+import triton
+
+
+def interpreting() -> bool:
+    """Read when the configs are built, like Triton reads the same variable when ``@triton.jit`` decorates."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotuning() -> bool:
+    return os.environ.get("CRATE_KERNELS_AUTOTUNE", "1") != "0"
+
+
+def default_attention_config() -> triton.Config:
+    """The one GPU config without autotuning: 64 × 64 tiles fit every P ≤ 128 in the backward's registers."""
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+
+
+def attention_configs() -> list[triton.Config]:
+    """MSSA forward and backward tiles for Hopper: BLOCK_M query (owned) rows × BLOCK_N key rows per inner step."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [default_attention_config()]
+    return [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+        for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
+    ]
+
+
+def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills)."""
+    n_pad = max(16, triton.next_power_of_2(named_args["N"]))
+    p = named_args["P"]
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= n_pad
+        and c.kwargs["BLOCK_N"] <= n_pad
+        and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
+    ]
+    return kept or configs[:1]

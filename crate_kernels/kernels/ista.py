@@ -1,0 +1,199 @@
+"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops (DESIGN §1.2, §1.3).
+
+``C = relu?(alpha · op(A) · op(B) + R − threshold)`` where each operand may be *gated*: an element is replaced by 0
+where a gate tensor of the operand's shape is ≤ 0. The gate is the relu mask of a saved activation, applied as the
+tile is loaded, so ``g = dOut ∘ 1[out > 0]`` is never written to memory (``where(out <= 0, 0, ·)`` is exactly
+torch's relu backward, NaN included).
+
+Square ISTA (``ops/ista.py``), with M = η(D − DᵀD) and tokens as rows:
+    forward   out = relu(x·M + x − ηλ)                    A = x, B = M, R = x, threshold ηλ, relu
+    backward  dx  = g·Mᵀ + g,  g = dOut ∘ 1[out > 0]      A = dOut gated by out, B = Mᵀ, R = dOut gated by out
+              C   = xᵀ·g (split-K over the tokens)        A = xᵀ, B = dOut gated by out
+The overcomplete chain (``kernels/ista_overcomplete.py``) uses the same kernel for its eleven products.
+
+Program map: program (t, s) owns output tile t (BLOCK_M × BLOCK_N; tiles in grouped order, GROUP_M row-tiles share
+each column sweep so the B tiles stay in L2) and the reduction slice [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT). Without
+split-K there is one slice and C is the result; with it, C is a (SPLIT, M, N) fp32 buffer of partial products that
+the launcher sums in a fixed order (deterministic, no atomics). Operands, gates, residual and output are read and
+written through their two strides (a transposed operand is a view, a stride-0 ``grad_out`` is read as is); row
+offsets are int64 (B·N·m passes 2³¹ for long sequences). Every load and store is masked: M, N, K need not be
+multiples of the blocks, and blocks are ≥ 16 so that every ``tl.dot`` dimension is ≥ 16 (padding rows/columns read 0).
+
+Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16
+``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store.
+``UPCAST`` converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic, DESIGN §4).
+``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul precision).
+"""
+
+import itertools
+import os
+
+import triton
+import triton.language as tl
+
+
+def _interpreting() -> bool:
+    """Read when the configs are built, as Triton reads the same variable when ``@triton.jit`` decorates."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def gemm_configs() -> list[triton.Config]:
+    """Hopper tiles: 64/128 token rows × 64/128/256 columns × 64-deep K steps; 4 stages where 16-bit tiles fit in
+    160 KB of shared memory, else 3; 8 warps from 128 × 128 up. Pruned per shape by ``prune_gemm_configs``.
+
+    Interpreting: ONE config (two or more fail there, DESIGN §6), with large tiles because the interpreter pays per
+    program and per K step; 64 × 128 × 64 still leaves several tiles and K steps (and masked tails) at test shapes.
+    """
+    if _interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8},
+            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+            num_stages=4 if (block_m + block_n) * 64 * 2 * 4 <= 160 * 1024 else 3,
+        )
+        for block_m, block_n in itertools.product((64, 128), (64, 128, 256))
+    ]
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
+    shared memory of 16-bit ones)."""
+    m_pad = max(16, triton.next_power_of_2(named_args["M"]))
+    n_pad = max(16, triton.next_power_of_2(named_args["N"]))
+    wide = named_args["a_ptr"].element_size() == 4
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+@triton.jit
+def _gate(tile, gate_ptrs, mask, UPCAST: tl.constexpr):
+    """``tile`` zeroed where the gate (a saved activation) is ≤ 0: torch's relu backward, NaN passing through."""
+    gate = tl.load(gate_ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        gate = gate.to(tl.float32)
+    return tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms warm-up, 20 ms of repeats (Triton's default 25 / 100 ms per config adds up over the
+    many (shape bucket × epilogue) keys of a training run or a test session)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.autotune(
+    configs=gemm_configs(),
+    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "A_GATED", "B_GATED", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": prune_gemm_configs},
+    do_bench=_quick_bench,
+)
+@triton.jit
+def _ista_gemm_kernel(
+    a_ptr,  # (M, K) through strides
+    a_gate_ptr,  # (M, K) gate of A (unused without A_GATED)
+    b_ptr,  # (K, N)
+    b_gate_ptr,  # (K, N) gate of B (unused without B_GATED)
+    r_ptr,  # (M, N) residual (unused without HAS_RESIDUAL)
+    r_gate_ptr,  # (M, N) gate of the residual (unused without R_GATED)
+    c_ptr,  # (M, N), or (SPLIT, M, N) fp32 partial products
+    M,
+    N,
+    K,
+    K_PER_SPLIT,  # reduction length of one split (K when not split)
+    M_BUCKET,  # the autotune key only: M, N, K_PER_SPLIT rounded up to powers of two (capped), so that a new
+    N_BUCKET,  # token count reuses the tuned tile of its size class instead of retuning
+    K_BUCKET,
+    stride_am,
+    stride_ak,
+    stride_agm,
+    stride_agk,
+    stride_bk,
+    stride_bn,
+    stride_bgk,
+    stride_bgn,
+    stride_rm,
+    stride_rn,
+    stride_rgm,
+    stride_rgn,
+    stride_cs,  # between partial products (0 when not split)
+    stride_cm,
+    stride_cn,
+    alpha,  # scales the product
+    threshold,  # subtracted after the residual is added
+    A_GATED: tl.constexpr,
+    B_GATED: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    R_GATED: tl.constexpr,
+    RELU: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering (Triton tutorial 03): consecutive programs sweep GROUP_M row-tiles per column tile.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_start = pid_s * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+
+    # Running pointers: int64 row/column bases formed once, advanced by BLOCK_K each step.
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_k = (k_start + offs_k).to(tl.int64)  # token indices when K runs over the tokens (split-K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + rows_k[None, :] * stride_ak
+    ag_ptrs = a_gate_ptr + offs_m[:, None] * stride_agm + rows_k[None, :] * stride_agk
+    b_ptrs = b_ptr + rows_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    bg_ptrs = b_gate_ptr + rows_k[:, None] * stride_bgk + offs_n[None, :] * stride_bgn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        mask_k = offs_k < k_end - k  # also ends this split's slice where the next one begins
+        mask_a = mask_m[:, None] & mask_k[None, :]
+        mask_b = mask_k[:, None] & mask_n[None, :]
+        a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_b, other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if A_GATED:
+            a = _gate(a, ag_ptrs, mask_a, UPCAST)
+            ag_ptrs += BLOCK_K * stride_agk
+        if B_GATED:
+            b = _gate(b, bg_ptrs, mask_b, UPCAST)
+            bg_ptrs += BLOCK_K * stride_bgk
+        acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    # Epilogue in fp32: Inductor may pass the scalars as fp64.
+    acc = acc * tl.cast(alpha, tl.float32)
+    mask_c = mask_m[:, None] & mask_n[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_c, other=0.0)
+        residual = residual.to(tl.float32)
+        if R_GATED:
+            residual = _gate(
+                residual, r_gate_ptr + offs_m[:, None] * stride_rgm + offs_n[None, :] * stride_rgn, mask_c, True
+            )
+        acc += residual
+    acc = acc - tl.cast(threshold, tl.float32)
+    if RELU:
+        acc = tl.where(acc < 0, 0.0, acc)  # not maximum(acc, 0): NaN must propagate as in torch.relu
+    c_ptrs = c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
