@@ -9,7 +9,7 @@ TEST_ENV := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
 .PHONY: train test lint
 train: $(STAMP)
-	$(PY) -m crate_kernels.demo
+	$(PY) -m crate_kernels.train
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -1,5 +1,6 @@
 """crate_kernels: fused Triton kernels, drop-in layers and models for CRATE (arXiv 2311.13110)."""
 
+from crate_kernels import measure
 from crate_kernels.backend import get_backend, not_supported_reasons, set_backend
 from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, create_model, list_models
 from crate_kernels.models.pretrained import from_pretrained, load_official, save_pretrained
@@ -26,6 +27,7 @@ __all__ = [
     "ista_overcomplete",
     "list_models",
     "load_official",
+    "measure",
     "mssa",
     "not_supported_reasons",
     "revert_crate_kernels",
