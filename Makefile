@@ -12,7 +12,7 @@ train: $(STAMP)
 	$(PY) -m crate_kernels.train
 
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -n 2 -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not gpu" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

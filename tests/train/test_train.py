@@ -151,6 +151,8 @@ def test_train_default_backend_smoke(tmp_path):
     assert result["eval_loss"] > 0
 
 
+# One xdist worker runs both (`--dist loadgroup`): two torchrun launches at once can race for the same free port.
+@pytest.mark.xdist_group("torchrun")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_train_two_processes_match_one(tmp_path, parallel):
     """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses.
