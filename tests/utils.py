@@ -74,3 +74,36 @@ def quick(params: list) -> list:
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict[str, object]) -> str:
+    """Compile one ``@triton.jit`` kernel to sm_90 with Triton's own ptxas, no GPU needed, and return its PTX.
+
+    The interpreter never compiles, so this is what catches on CPU what only the compiler rejects (types, dot shapes
+    under 16, Hopper's wgmma not taken). ``types`` maps argument names to Triton types (``*bf16``, ``fp32``; ``i32``
+    where absent); ``constexprs`` fixes the rest. Needs real ``@triton.jit`` objects: call it in a process without
+    TRITON_INTERPRET (see ``run_without_interpreter``).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(kernel, "fn", kernel)  # through @triton.autotune
+    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
+    source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constexprs.items()})
+    options = {"num_warps": 4, "num_stages": 2}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def run_without_interpreter(code: str) -> None:
+    """Run Python ``code`` from the repository root in a fresh process with TRITON_INTERPRET unset; fail with its
+    stderr."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -51,3 +51,47 @@ def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kw
         and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
     ]
     return kept or configs[:1]
+
+
+def default_gemm_config() -> triton.Config:
+    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows)."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+
+
+def gemm_configs() -> list[triton.Config]:
+    """ISTA GEMM tiles for Hopper: 64/128 token rows × 64/128/256 columns × 64-deep K steps; 4 stages where 16-bit
+    tiles fit in 160 KB of shared memory, else 3; 8 warps from 128 × 128 up. Pruned per shape by
+    ``prune_gemm_configs``. Interpreting: 64 × 128 × 64 still leaves several tiles, K steps and masked tails at test
+    shapes."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    if not autotuning():
+        return [default_gemm_config()]
+    return [
+        triton.Config(
+            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8},
+            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+            num_stages=4 if (block_m + block_n) * 64 * 2 * 4 <= 160 * 1024 else 3,
+        )
+        for block_m, block_n in itertools.product((64, 128), (64, 128, 256))
+    ]
+
+
+def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
+    shared memory of 16-bit ones)."""
+    m_pad = max(16, triton.next_power_of_2(named_args["M"]))
+    n_pad = max(16, triton.next_power_of_2(named_args["N"]))
+    wide = named_args["a_ptr"].element_size() == 4
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
+    ]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def quick_bench(kernel_call, quantiles):
+    """Autotuning timer: 5 ms warm-up, 20 ms of repeats (Triton's default 25 / 100 ms per config adds up over the
+    many (shape bucket × epilogue) keys of a training run or a test session)."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)

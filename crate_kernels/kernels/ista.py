@@ -25,49 +25,10 @@ Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the r
 ``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul precision).
 """
 
-import itertools
-import os
-
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    """Read when the configs are built, as Triton reads the same variable when ``@triton.jit`` decorates."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def gemm_configs() -> list[triton.Config]:
-    """Hopper tiles: 64/128 token rows × 64/128/256 columns × 64-deep K steps; 4 stages where 16-bit tiles fit in
-    160 KB of shared memory, else 3; 8 warps from 128 × 128 up. Pruned per shape by ``prune_gemm_configs``.
-
-    Interpreting: ONE config (two or more fail there, DESIGN §6), with large tiles because the interpreter pays per
-    program and per K step; 64 × 128 × 64 still leaves several tiles and K steps (and masked tails) at test shapes.
-    """
-    if _interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config(
-            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8},
-            num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-            num_stages=4 if (block_m + block_n) * 64 * 2 * 4 <= 160 * 1024 else 3,
-        )
-        for block_m, block_n in itertools.product((64, 128), (64, 128, 256))
-    ]
-
-
-def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
-    shared memory of 16-bit ones)."""
-    m_pad = max(16, triton.next_power_of_2(named_args["M"]))
-    n_pad = max(16, triton.next_power_of_2(named_args["N"]))
-    wide = named_args["a_ptr"].element_size() == 4
-    kept = [
-        c
-        for c in configs
-        if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
-    ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+from crate_kernels.kernels.configs import gemm_configs, prune_gemm_configs, quick_bench
 
 
 @triton.jit
@@ -79,17 +40,11 @@ def _gate(tile, gate_ptrs, mask, UPCAST: tl.constexpr):
     return tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
 
 
-def _quick_bench(kernel_call, quantiles):
-    """Autotuning timer: 5 ms warm-up, 20 ms of repeats (Triton's default 25 / 100 ms per config adds up over the
-    many (shape bucket × epilogue) keys of a training run or a test session)."""
-    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
-
-
 @triton.autotune(
     configs=gemm_configs(),
     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "A_GATED", "B_GATED", "HAS_RESIDUAL"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
-    do_bench=_quick_bench,
+    do_bench=quick_bench,
 )
 @triton.jit
 def _ista_gemm_kernel(

@@ -9,7 +9,7 @@ import crate_kernels
 from crate_kernels import backend as backend_module
 from crate_kernels.ops.ista import _ista_bwd_op, _ista_fwd_op
 from reference.ista import ista_ref
-from tests.utils import assert_close_to_ref, quick, seeded
+from tests.utils import assert_close_to_ref, compile_for_hopper, quick, run_without_interpreter, seeded
 
 # (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384, and more row
 # tiles than GROUP_M with several column tiles (the grouped tile order).
@@ -225,3 +225,27 @@ def test_ista_gradcheck_fp64_away_from_the_kink():
 def test_ista_bad_input(x, weight, error, message):
     with pytest.raises(error, match=message):
         crate_kernels.ista(x, weight)
+
+
+def _compile_for_hopper(dtype: str) -> None:
+    """The shared GEMM at the variants the two ISTA ops launch, compiled to sm_90: each must use wgmma."""
+    from crate_kernels.kernels.ista import _ista_gemm_kernel
+
+    pointers = ("a_ptr", "a_gate_ptr", "b_ptr", "b_gate_ptr", "r_ptr", "r_gate_ptr")
+    tiles = {"UPCAST": False, "DOT_PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
+    variants = {  # (gates and epilogue, output type)
+        "forward: relu(x·M + x − ηλ)": (dict(A_GATED=False, B_GATED=False, HAS_RESIDUAL=True, R_GATED=False), dtype),
+        "backward dx = g·Mᵀ + g": (dict(A_GATED=True, B_GATED=False, HAS_RESIDUAL=True, R_GATED=True), dtype),
+        "split-K xᵀ·g partials": (dict(A_GATED=False, B_GATED=True, HAS_RESIDUAL=False, R_GATED=False), "fp32"),
+    }
+    for name, (flags, out_dtype) in variants.items():
+        types = {p: f"*{dtype}" for p in pointers} | {"c_ptr": f"*{out_dtype}", "alpha": "fp32", "threshold": "fp32"}
+        ptx = compile_for_hopper(_ista_gemm_kernel, types, tiles | flags | {"RELU": name.startswith("forward")})
+        assert "wgmma" in ptx, f"{name} does not use Hopper's tensor cores"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_ista_kernel_compiles_for_hopper():
+    """The interpreter never compiles: catch what only the compiler rejects (types, dot shapes) on CPU too."""
+    pytest.importorskip("triton.backends.nvidia")
+    run_without_interpreter("from tests.ops.test_ista import _compile_for_hopper as c; c('bf16'); c('fp16')")

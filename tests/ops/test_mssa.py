@@ -4,11 +4,7 @@ Every behaviour test runs on both backends; "triton" runs the kernels on CUDA, o
 """
 
 import math
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from crate_kernels.kernels.configs import default_attention_config
 from crate_kernels.ops import mssa as ops_mssa
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
-from tests.utils import assert_close_to_ref, quick, seeded
+from tests.utils import assert_close_to_ref, compile_for_hopper, quick, run_without_interpreter, seeded
 
 # (B, H, N, P): CRATE-S head width 48, odd token counts, N = 1.
 SHAPES = quick([(2, 3, 17, 48), (1, 1, 1, 16), (2, 2, 64, 32), (3, 1, 2, 80), (1, 2, 33, 64), (1, 1, 19, 128)])
@@ -418,39 +414,24 @@ def test_mssa_torch_compile_fullgraph(device):
 
 
 def _compile_for_hopper(dtype: str, P_PAD: int, is_causal: bool, has_mask: bool) -> None:
-    """Compile the forward and backward to sm_90 cubin without a GPU (Triton's own ptxas). Needs the compiled
-    @triton.jit objects, so it runs in a process without TRITON_INTERPRET."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    pointers = {"W": f"*{dtype}", "Out": f"*{dtype}", "dOut": f"*{dtype}", "dW": f"*{dtype}"}
-    pointers |= {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8"}
+    """The forward and backward at one variant, compiled to sm_90: both must use Hopper's tensor cores (wgmma)."""
+    types = {"W": f"*{dtype}", "Out": f"*{dtype}", "dOut": f"*{dtype}", "dW": f"*{dtype}"}
+    types |= {"Lse": "*fp32", "Delta": "*fp32", "Mask": "*u8", "scale": "fp32"}
     constexprs = {"P_PAD": P_PAD, "IS_CAUSAL": is_causal, "HAS_MASK": has_mask, "UPCAST": False}
     constexprs |= {"DOT_PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 64}
-    for kernel in (kernels._mssa_fwd_kernel.fn, kernels._mssa_bwd_kernel.fn):
-        signature = {
-            name: "constexpr" if name in constexprs else pointers.get(name, "fp32" if name == "scale" else "i32")
-            for name in kernel.arg_names
-        }  # fmt: skip
-        source = ASTSource(kernel, signature, {(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
-        assert "wgmma" in compiled.asm["ptx"], f"{kernel.__name__} does not use Hopper's tensor cores"
+    for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
+        ptx = compile_for_hopper(kernel, types, constexprs)
+        assert "wgmma" in ptx, f"{kernel.fn.__name__} does not use Hopper's tensor cores"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
 def test_mssa_kernels_compile_for_hopper():
     """The interpreter never compiles: catch what only the compiler rejects (types, dot shapes) on CPU too."""
     pytest.importorskip("triton.backends.nvidia")
-    code = (
+    run_without_interpreter(
         "from tests.ops.test_mssa import _compile_for_hopper as c; "
         "c('bf16', 64, True, True); c('fp16', 16, False, False)"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.gpu
