@@ -3,7 +3,8 @@
 A checkpoint is written into ``step_<N>.tmp/`` (each file flushed and fsynced), then renamed to ``step_<N>/`` by
 rank 0 and the parent directory fsynced: a crash at any point leaves either the old set of checkpoints or the old set
 plus a complete new one, never a half-written ``step_<N>/``. Contents:
-- ``train.pt`` (rank 0): step, scheduler state, and for ``none``/``ddp`` the full model and optimizer state dicts;
+- ``train.pt`` (rank 0): step, scheduler state, the fp16 ``GradScaler`` state, and for ``none``/``ddp`` the full
+  model and optimizer state dicts;
 - ``model_optim/`` (``fsdp2``): the sharded model and optimizer state in ``torch.distributed.checkpoint`` format;
 - ``rng_rank<r>.pt`` (every rank): python, numpy, torch and CUDA generator states, as tensors and lists.
 Everything is read with ``torch.load(weights_only=True)``. The data position is the step (see ``data.py``).
@@ -91,6 +92,7 @@ def save(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ctx: Context,
     keep_last: int,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
     """Write the checkpoint after ``step`` optimizer steps; collective (every rank calls it)."""
     root = Path(run_dir) / "checkpoints"
@@ -101,6 +103,8 @@ def save(
     barrier(ctx)
     model_state, optim_state = get_state_dict(model, optimizer)
     train_state: dict[str, Any] = {"step": step, "scheduler": scheduler.state_dict()}
+    if scaler is not None and scaler.is_enabled():
+        train_state["scaler"] = scaler.state_dict()  # its loss scale moves during fp16 training
     if ctx.parallel == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
@@ -128,6 +132,7 @@ def load(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ctx: Context,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> int:
     """Restore everything ``save`` wrote into the (already wrapped) model and optimizer; returns the step."""
     train_state = torch.load(path / "train.pt", map_location="cpu", weights_only=True)
@@ -142,6 +147,8 @@ def load(
         model_state, optim_state = train_state["model"], train_state["optimizer"]
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
     scheduler.load_state_dict(train_state["scheduler"])
+    if scaler is not None and "scaler" in train_state:
+        scaler.load_state_dict(train_state["scaler"])
     rng_file = path / f"rng_rank{ctx.rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{str(path)!r} was written by fewer ranks than {ctx.world_size}: no {rng_file.name}")

@@ -138,7 +138,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
 
     found, step = checkpoint.checkpoints(run_dir), 0
     if found:
-        step = checkpoint.load(found[-1], model, optimizer, scheduler, ctx)
+        step = checkpoint.load(found[-1], model, optimizer, scheduler, ctx, scaler)
         if ctx.is_main:
             print(f"resuming from {found[-1]} (step {step} of {cfg.steps}; this run stops at {cfg.last_step})")
     if ctx.is_main:
@@ -190,7 +190,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
             if ctx.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         if step % cfg.ckpt_every == 0 or step == cfg.last_step:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last)
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler)
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0:
             tick, last_logged = time.perf_counter(), step  # throughput leaves evaluation and checkpoints out
     bar.close()

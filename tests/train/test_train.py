@@ -97,6 +97,19 @@ def test_train_resume_is_bit_exact(tmp_path):
     assert resumed == whole
 
 
+def test_train_resume_is_bit_exact_fp16(tmp_path, monkeypatch):
+    """fp16 training moves the GradScaler's loss scale (halved, and the step skipped, on each overflow): a resumed
+    run must continue with the scale it had, not a fresh one. A large initial scale makes the first steps overflow."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**19))
+    fp16 = {"precision": "fp16", "ckpt_every": 2}
+    train(tiny(tmp_path / "a", **fp16))
+    train(tiny(tmp_path / "b", max_steps=2, **fp16))
+    train(tiny(tmp_path / "b", **fp16))
+    assert losses(tmp_path / "b" / "run") == losses(tmp_path / "a" / "run")
+
+
 def test_train_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     cfg = tiny(tmp_path, max_steps=4)
     train(cfg)
