@@ -88,7 +88,11 @@ def _beta(a: float, generator: torch.Generator) -> float:
 
 class MAE(Task):
     def loss(self, model, x, y, generator):
-        loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio)
+        # The masks come from this micro-batch's generator: the global RNG is the same on every rank (seeded alike
+        # for identical initial weights), so drawing from it would give every rank the same masks.
+        grid_h, grid_w = model_attr(model, "grid")
+        noise = torch.rand(x.shape[0], grid_h * grid_w, generator=generator).to(x.device)
+        loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
         return loss
 
     def eval_sums(self, model, x, y, batch):
