@@ -115,6 +115,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         train_set, val_set = load_dataset(cfg.data, task.text)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
         model, model_args = build_model(cfg, task, train_set)
+        torch.manual_seed(cfg.seed + ctx.rank)  # then each rank its own stream: its own dropout masks
         # The saved config names every constructor argument, data-derived ones included, so that the run folder
         # alone rebuilds the model (crate-measure reads it).
         args = ",".join(f"{k}={v!r}" for k, v in model_args.items())

@@ -189,6 +189,22 @@ def test_train_two_processes_match_one(tmp_path, parallel):
     assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
 
 
+@pytest.mark.xdist_group("torchrun")
+def test_train_ranks_draw_their_own_dropout(tmp_path):
+    """Every rank seeds alike for identical initial weights; after that each needs its own torch RNG stream, or
+    all ranks apply the same dropout masks to their different samples. The saved RNG states show it."""
+    flags = [f"--{k}={v}" for k, v in TINY.items() if k != "model.args"] + [f"--out={tmp_path}", "--max-steps=1"]
+    flags += ["--model.args=dim=32,depth=2,heads=2,dim_head=16,dropout=0.1", "--export=false", "--eval-every=100"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command += ["-m", "crate_kernels.train", "--parallel=ddp", *flags]
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = checkpoint.checkpoints(tmp_path)[-1]
+    states = [torch.load(last / f"rng_rank{r}.pt", weights_only=True)["torch"] for r in (0, 1)]
+    assert not torch.equal(*states)
+
+
 def test_train_default_run_reaches_93_percent(tmp_path):
     """The README's main job, `make train` (no flags): ≥ 93 % held-out accuracy on digits, ~20 s on 2 CPU cores.
 
