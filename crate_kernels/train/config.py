@@ -133,8 +133,8 @@ class TrainConfig:
             raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"--data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
-        if not 0.0 <= self.task.mask_ratio < 1.0:
-            raise ValueError(f"--task.mask_ratio must be in [0, 1), got {self.task.mask_ratio}")
+        if not 0.0 < self.task.mask_ratio < 1.0:  # the MAE loss averages over the masked patches: some must be
+            raise ValueError(f"--task.mask_ratio must be in (0, 1), got {self.task.mask_ratio}")
         if not 0.0 < self.task.mlm_probability < 1.0:
             raise ValueError(f"--task.mlm_probability must be in (0, 1), got {self.task.mlm_probability}")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_steps < 0 or self.optim.grad_clip < 0:

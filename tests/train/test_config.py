@@ -44,6 +44,7 @@ def test_config_flags_aliases_and_types():
         (["--model-args", "dim"], "expected name=value pairs"),
         (["--model-args", "dim=64,dim=32"], "dim given twice"),
         (["--model-args", "dim=f(1)"], "must be a Python literal"),
+        (["--task", "mae", "--task.mask_ratio", "0"], "mask_ratio must be in"),  # the MAE loss needs masked patches
     ],
 )
 def test_config_rejects_bad_values(argv, message):
