@@ -19,7 +19,7 @@ from crate_kernels.train.config import ConfigError, TrainConfig
 from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run
+from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run, sample_generators
 
 NOT_RESUMED = {"max_steps", "progress"}  # config keys a resumed run may change without being another run
 
@@ -161,9 +161,11 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         step_loss = torch.zeros((), device=ctx.device)
         for k, (x, y) in enumerate(micro):
             generator = torch.Generator().manual_seed(hash((cfg.seed, step, ctx.rank, k)) & (2**62 - 1))
+            first = ctx.rank * (cfg.optim.batch_size // ctx.world_size) + k * len(x)  # as rank_micro_batches splits
+            samples = sample_generators(cfg.seed, step, first, len(x))
             with distributed.sync_gradients(model, ctx, sync=k == len(micro) - 1):
                 with autocast():
-                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator) / len(micro)
+                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator, samples) / len(micro)
                 scaler.scale(loss).backward()
             step_loss += loss.detach().float()
         if cfg.optim.grad_clip > 0:

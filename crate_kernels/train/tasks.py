@@ -38,7 +38,16 @@ class Task:
         C, H, _ = train.images.shape[1:]
         return {"image_size": H, "channels": C}
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def loss(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        generator: torch.Generator,
+        samples: list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """The micro-batch's loss; ``generator`` for per-micro-batch draws (mixup), ``samples`` (one per sample, see
+        ``sample_generators``) for per-sample draws (MAE and MLM masks), the micro-batch's generator when None."""
         raise NotImplementedError
 
     def eval_sums(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -54,13 +63,19 @@ class Task:
         return []
 
 
+def sample_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
+    """One generator per sample, keyed by its position ``first + i`` in step ``step``'s GLOBAL batch: the masks a
+    sample gets do not depend on the world size or the split into micro-batches."""
+    return [torch.Generator().manual_seed(hash((seed, step, 2, first + i)) & (2**62 - 1)) for i in range(n)]
+
+
 class Classify(Task):
     eval_names = ("loss", "accuracy")
 
     def data_overrides(self, train: ImageSet) -> dict[str, Any]:
         return super().data_overrides(train) | {"num_classes": train.num_classes}
 
-    def loss(self, model, x, y, generator):
+    def loss(self, model, x, y, generator, samples=None):
         if self.cfg.task.mixup > 0:
             # Mix each sample with its mirror in the micro-batch; one Beta(a, a) weight per micro-batch.
             lam = _beta(self.cfg.task.mixup, generator)
@@ -87,11 +102,12 @@ def _beta(a: float, generator: torch.Generator) -> float:
 
 
 class MAE(Task):
-    def loss(self, model, x, y, generator):
-        # The masks come from this micro-batch's generator: the global RNG is the same on every rank (seeded alike
-        # for identical initial weights), so drawing from it would give every rank the same masks.
+    def loss(self, model, x, y, generator, samples=None):
+        # The masks come from the samples' own generators, not the global RNG: that is the same on every rank (seeded
+        # alike for identical initial weights), so drawing from it would give every rank the same masks.
         grid_h, grid_w = model_attr(model, "grid")
-        noise = torch.rand(x.shape[0], grid_h * grid_w, generator=generator).to(x.device)
+        generators = samples or [generator] * len(x)
+        noise = torch.stack([torch.rand(grid_h * grid_w, generator=g) for g in generators]).to(x.device)
         loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
         return loss
 
@@ -130,7 +146,7 @@ class LM(Task):
     def data_overrides(self, train):
         return {"block_size": self.cfg.data.block_size} if self.cfg.data.block_size else {}
 
-    def loss(self, model, x, y, generator):
+    def loss(self, model, x, y, generator, samples=None):
         logits = model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
@@ -159,22 +175,32 @@ class MLM(Task):
 
     data_overrides = LM.data_overrides
 
-    def _mask(self, model: nn.Module, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked inputs (b, T) and targets (b, T) with -100 where nothing is predicted."""
-        u = torch.rand(x.shape, generator=generator).to(x.device)
+    def _mask(
+        self, model: nn.Module, x: torch.Tensor, generators: list[torch.Generator]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked inputs (b, T) and targets (b, T) with -100 where nothing is predicted; row i drawn from
+        ``generators[i]``."""
+        T = x.shape[1]
+        draws = [
+            (
+                torch.rand(T, generator=g),
+                torch.rand(T, generator=g),
+                torch.randint(0, TEXT_VOCAB - 1, (T,), generator=g),
+            )
+            for g in generators
+        ]
+        u, kind, random_ids = (torch.stack(d).to(x.device) for d in zip(*draws, strict=True))
         chosen = u < self.cfg.task.mlm_probability
-        kind = torch.rand(x.shape, generator=generator).to(x.device)
-        random_ids = torch.randint(0, TEXT_VOCAB - 1, x.shape, generator=generator).to(x.device)
         inputs = torch.where(chosen & (kind < 0.8), model_attr(model, "mask_token_id"), x)
         inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
         return inputs, torch.where(chosen, x, -100)
 
-    def loss(self, model, x, y, generator):
-        inputs, targets = self._mask(model, x, generator)
+    def loss(self, model, x, y, generator, samples=None):
+        inputs, targets = self._mask(model, x, samples or [generator] * len(x))
         return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
     def eval_sums(self, model, x, y, batch):
-        inputs, targets = self._mask(model, x, torch.Generator().manual_seed(batch))
+        inputs, targets = self._mask(model, x, [torch.Generator().manual_seed(batch)] * len(x))
         logits = model(inputs).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()

@@ -1,23 +1,43 @@
+import pytest
 import torch
 
 from crate_kernels.train.config import from_flat
 from crate_kernels.train.data import load_dataset
-from crate_kernels.train.tasks import MAE, build_model
+from crate_kernels.train.tasks import MAE, MLM, build_model, sample_generators
 
 
-def test_mae_masks_come_from_the_micro_batch_generator():
-    """Under DDP every rank holds the same global RNG state (one seed, for identical initial weights): masks drawn
-    from it would repeat across ranks. The loop hands each (step, rank, micro-batch) its own generator."""
-    cfg = from_flat({"task.name": "mae", "model.args": "dim=32,depth=1,heads=2,dim_head=16"}).resolved()
-    task = MAE(cfg)
-    train_set, _ = load_dataset(cfg.data, task.text)
+def _setup(task_cls, task: str, args: str):
+    cfg = from_flat({"task.name": task, "model.args": args, "model.backend": "torch"}).resolved()
+    t = task_cls(cfg)
+    train_set, _ = load_dataset(cfg.data, t.text)
+    if t.text:
+        train_set.block_size = 16
     torch.manual_seed(0)
-    model, _ = build_model(cfg, task, train_set)
+    model, _ = build_model(cfg, t, train_set)
     x, y = train_set.batch(torch.arange(4))
+    return t, model, x, y
 
-    def loss(seed: int, global_seed: int) -> torch.Tensor:
+
+def test_mae_masks_do_not_depend_on_the_global_rng_or_the_split():
+    """Under DDP every rank holds the same global RNG state (one seed, for identical initial weights): masks drawn
+    from it would repeat across ranks. Each sample's mask comes from a generator keyed by its place in the global
+    batch, so one micro-batch of 4 and two of 2 (two ranks, or grad_accum 2) train on the same masks."""
+    task, model, x, y = _setup(MAE, "mae", "dim=32,depth=1,heads=2,dim_head=16")
+    micro = torch.Generator().manual_seed(0)
+
+    def loss(lo: int, hi: int, global_seed: int = 0) -> torch.Tensor:
         torch.manual_seed(global_seed)
-        return task.loss(model, x, y, torch.Generator().manual_seed(seed))
+        return task.loss(model, x[lo:hi], y[lo:hi], micro, sample_generators(0, 3, lo, hi - lo))
 
-    assert torch.equal(loss(1, global_seed=0), loss(1, global_seed=1))  # the global RNG plays no part
-    assert not torch.equal(loss(1, global_seed=0), loss(2, global_seed=0))  # another generator, other masks
+    whole = loss(0, 4)
+    assert torch.equal(whole, loss(0, 4, global_seed=1))  # the global RNG plays no part
+    # every sample has the same number of masked patches: the whole batch's mean is the mean of the halves'
+    assert whole.item() == pytest.approx(((loss(0, 2) + loss(2, 4)) / 2).item(), rel=1e-6)
+
+
+def test_mlm_masks_do_not_depend_on_the_split():
+    task, model, x, _ = _setup(MLM, "mlm", "dim=32,depth=1,heads=2,block_size=16")
+    whole = task._mask(model, x, sample_generators(0, 3, 0, 4))
+    halves = [task._mask(model, x[lo : lo + 2], sample_generators(0, 3, lo, 2)) for lo in (0, 2)]
+    for i in range(2):  # inputs, targets
+        assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))

@@ -166,14 +166,16 @@ def test_train_default_backend_smoke(tmp_path):
 
 # One xdist worker runs both (`--dist loadgroup`): two torchrun launches at once can race for the same free port.
 @pytest.mark.xdist_group("torchrun")
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_train_two_processes_match_one(tmp_path, parallel):
+@pytest.mark.parametrize(("parallel", "task"), [("ddp", "classify"), ("fsdp2", "classify"), ("ddp", "mae")])
+def test_train_two_processes_match_one(tmp_path, parallel, task):
     """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses.
 
-    The FSDP2 run stops at step 2 and resumes to 4 from its sharded checkpoint.
+    The FSDP2 run stops at step 2 and resumes to 4 from its sharded checkpoint. The MAE run checks that each
+    sample's random mask does not depend on the rank or micro-batch it lands in.
     """
-    train(tiny(tmp_path / "single", max_steps=4))
+    train(tiny(tmp_path / "single", max_steps=4, task__name=task))
     flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--out={tmp_path / 'multi'}", "--optim.grad_accum=2"]
+    flags.append(f"--task={task}")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "crate_kernels.train", f"--parallel={parallel}", *flags]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
