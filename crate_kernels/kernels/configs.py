@@ -40,15 +40,20 @@ def attention_configs() -> list[triton.Config]:
 
 
 def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills)."""
+    """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills).
+    The fp32 backward at P > 64 keeps tiles up to 64 × 64 rows: compiled for sm_90, its 128 × 64 and 64 × 128 tiles
+    take 230–362 KB of shared memory (Hopper allows 227 KB), its 64 × 64 and 128 × 32 tiles 165–185 KB."""
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     p = named_args["P"]
+    max_tile = 64 * 128
+    if p > 64 and "dW" in named_args and named_args["W"].element_size() == 4:
+        max_tile = 64 * 64
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= n_pad
         and c.kwargs["BLOCK_N"] <= n_pad
-        and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
+        and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > max_tile)
     ]
     return kept or configs[:1]
 
@@ -79,7 +84,8 @@ def gemm_configs() -> list[triton.Config]:
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
-    shared memory of 16-bit ones)."""
+    shared memory of 16-bit ones) and the 4th stage: compiled for sm_90, fp32 128 × 64 × 64 tiles take 256–272 KB
+    of shared memory at 4 stages (128 × 128: 320 KB; Hopper allows 227 KB), 192–224 KB at 3."""
     m_pad = max(16, triton.next_power_of_2(named_args["M"]))
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     wide = named_args["a_ptr"].element_size() == 4
@@ -88,7 +94,16 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
         for c in configs
         if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
     ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if wide:
+        kept = [_with_stages(c, min(c.num_stages, 3)) for c in kept]
+    return kept
+
+
+def _with_stages(config: triton.Config, num_stages: int) -> triton.Config:
+    if config.num_stages == num_stages:
+        return config
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=num_stages)
 
 
 def quick_bench(kernel_call, quantiles):
