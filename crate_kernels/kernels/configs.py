@@ -59,8 +59,10 @@ def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kw
 
 
 def default_gemm_config() -> triton.Config:
-    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows)."""
-    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows). It is
+    never pruned, so it must fit every dtype: 2 stages, as fp32's split-K variant takes 256 KB of shared memory at 3
+    (Hopper allows 227 KB)."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2)
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -84,8 +86,9 @@ def gemm_configs() -> list[triton.Config]:
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
-    shared memory of 16-bit ones) and the 4th stage: compiled for sm_90, fp32 128 × 64 × 64 tiles take 256–272 KB
-    of shared memory at 4 stages (128 × 128: 320 KB; Hopper allows 227 KB), 192–224 KB at 3."""
+    shared memory of 16-bit ones) and stages past 3 (2 for 128 × 128): compiled for sm_90, fp32 128 × 64 × 64 tiles
+    take 256–272 KB of shared memory at 4 stages (Hopper allows 227 KB), 180–196 KB at 3; 128 × 128 tiles 256 KB at
+    3 stages (the split-K variant), 160 KB at 2."""
     m_pad = max(16, triton.next_power_of_2(named_args["M"]))
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     wide = named_args["a_ptr"].element_size() == 4
@@ -96,7 +99,10 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     ]
     kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     if wide:
-        kept = [_with_stages(c, min(c.num_stages, 3)) for c in kept]
+        kept = [
+            _with_stages(c, min(c.num_stages, 2 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 else 3))
+            for c in kept
+        ]
     return kept
 
 
