@@ -42,18 +42,22 @@ def attention_configs() -> list[triton.Config]:
 def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills).
     The fp32 backward at P > 64 keeps tiles up to 64 × 64 rows: compiled for sm_90, its 128 × 64 and 64 × 128 tiles
-    take 230–362 KB of shared memory (Hopper allows 227 KB), its 64 × 64 and 128 × 32 tiles 165–185 KB."""
+    take 230–362 KB of shared memory (Hopper allows 227 KB), its 64 × 64 and 128 × 32 tiles 165–185 KB. In IEEE
+    fp32 (no tensor cores) the backward's 128 × 128 tile takes 258 KB at P = 64 too (170 KB in tf32)."""
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     p = named_args["P"]
-    max_tile = 64 * 128
-    if p > 64 and "dW" in named_args and named_args["W"].element_size() == 4:
-        max_tile = 64 * 64
+    max_tile = 64 * 128 if p > 64 else 128 * 128
+    if "dW" in named_args and named_args["W"].element_size() == 4:
+        if p > 64:
+            max_tile = 64 * 64
+        elif kwargs.get("DOT_PRECISION") == "ieee":
+            max_tile = 64 * 128
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= n_pad
         and c.kwargs["BLOCK_N"] <= n_pad
-        and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > max_tile)
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
     ]
     return kept or configs[:1]
 

@@ -466,6 +466,10 @@ def test_mssa_prune_fp32_backward_fits_hopper(monkeypatch):
     for named_args in ({"N": 197, "P": 128, "W": fp32}, {"N": 197, "P": 128, "W": bf16, "dW": bf16}):
         kept = prune_attention_configs(configs, named_args)
         assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) == 64 * 128
+    # At P = 64 the fp32 backward's 128 × 128 tile takes 264,192 B in IEEE fp32 (169,984 B in tf32).
+    for precision, largest in (("ieee", 64 * 128), ("tf32", 128 * 128)):
+        kept = prune_attention_configs(configs, {"N": 197, "P": 64, "W": fp32, "dW": fp32}, DOT_PRECISION=precision)
+        assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) == largest
 
 
 def _shared_memory_of_kept_configs(dtype: str, precision: str, N: int, P: int) -> None:
