@@ -76,13 +76,20 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict[str, object]) -> str:
+def compile_for_hopper(
+    kernel,
+    types: dict[str, str],
+    constexprs: dict[str, object],
+    num_warps: int = 4,
+    num_stages: int = 2,
+    shared_memory: bool = False,
+) -> str | int:
     """Compile one ``@triton.jit`` kernel to sm_90 with Triton's own ptxas, no GPU needed, and return its PTX.
 
     The interpreter never compiles, so this is what catches on CPU what only the compiler rejects (types, dot shapes
     under 16, Hopper's wgmma not taken). ``types`` maps argument names to Triton types (``*bf16``, ``fp32``; ``i32``
     where absent); ``constexprs`` fixes the rest. Needs real ``@triton.jit`` objects: call it in a process without
-    TRITON_INTERPRET (see ``run_without_interpreter``).
+    TRITON_INTERPRET (see ``run_without_interpreter``). With ``shared_memory``, the bytes of shared memory instead.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -91,8 +98,19 @@ def compile_for_hopper(kernel, types: dict[str, str], constexprs: dict[str, obje
     fn = getattr(kernel, "fn", kernel)  # through @triton.autotune
     signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
     source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    options = {"num_warps": 4, "num_stages": 2}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled.metadata.shared if shared_memory else compiled.asm["ptx"]
+
+
+HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+def hopper_shared_memory(kernel, types: dict[str, str], constexprs: dict[str, object], config) -> int:
+    """Bytes of shared memory ``kernel`` takes at one autotune ``config`` compiled for sm_90 (a launch above
+    ``HOPPER_MAX_SHARED`` fails with OutOfResources); same rules as ``compile_for_hopper``."""
+    constexprs = constexprs | config.kwargs
+    return compile_for_hopper(kernel, types, constexprs, config.num_warps, config.num_stages, shared_memory=True)
 
 
 def run_without_interpreter(code: str) -> None:

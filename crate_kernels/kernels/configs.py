@@ -40,22 +40,33 @@ def attention_configs() -> list[triton.Config]:
 
 
 def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills)."""
+    """Drop tiles taller than the padded sequence (all padding) and 128 × 128 tiles at P > 64 (register spills).
+    The fp32 backward at P > 64 keeps tiles up to 64 × 64 rows: compiled for sm_90, its 128 × 64 and 64 × 128 tiles
+    take 230–362 KB of shared memory (Hopper allows 227 KB), its 64 × 64 and 128 × 32 tiles 165–185 KB. In IEEE
+    fp32 (no tensor cores) the backward's 128 × 128 tile takes 258 KB at P = 64 too (170 KB in tf32)."""
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     p = named_args["P"]
+    max_tile = 64 * 128 if p > 64 else 128 * 128
+    if "dW" in named_args and named_args["W"].element_size() == 4:
+        if p > 64:
+            max_tile = 64 * 64
+        elif kwargs.get("DOT_PRECISION") == "ieee":
+            max_tile = 64 * 128
     kept = [
         c
         for c in configs
         if c.kwargs["BLOCK_M"] <= n_pad
         and c.kwargs["BLOCK_N"] <= n_pad
-        and not (p > 64 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 64 * 128)
+        and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= max_tile
     ]
     return kept or configs[:1]
 
 
 def default_gemm_config() -> triton.Config:
-    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows)."""
-    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows). It is
+    never pruned, so it must fit every dtype: 2 stages, as fp32's split-K variant takes 256 KB of shared memory at 3
+    (Hopper allows 227 KB)."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2)
 
 
 def gemm_configs() -> list[triton.Config]:
@@ -79,7 +90,9 @@ def gemm_configs() -> list[triton.Config]:
 
 def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Drop tiles larger than the padded problem (all padding) and, for fp32 operands, the 256-wide tiles (twice the
-    shared memory of 16-bit ones)."""
+    shared memory of 16-bit ones) and stages past 3 (2 for 128 × 128): compiled for sm_90, fp32 128 × 64 × 64 tiles
+    take 256–272 KB of shared memory at 4 stages (Hopper allows 227 KB), 180–196 KB at 3; 128 × 128 tiles 256 KB at
+    3 stages (the split-K variant), 160 KB at 2."""
     m_pad = max(16, triton.next_power_of_2(named_args["M"]))
     n_pad = max(16, triton.next_power_of_2(named_args["N"]))
     wide = named_args["a_ptr"].element_size() == 4
@@ -88,7 +101,19 @@ def prune_gemm_configs(configs: list[triton.Config], named_args: dict, **kwargs)
         for c in configs
         if c.kwargs["BLOCK_M"] <= m_pad and c.kwargs["BLOCK_N"] <= n_pad and not (wide and c.kwargs["BLOCK_N"] > 128)
     ]
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    kept = kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    if wide:
+        kept = [
+            _with_stages(c, min(c.num_stages, 2 if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 else 3))
+            for c in kept
+        ]
+    return kept
+
+
+def _with_stages(config: triton.Config, num_stages: int) -> triton.Config:
+    if config.num_stages == num_stages:
+        return config
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=num_stages)
 
 
 def quick_bench(kernel_call, quantiles):

@@ -42,7 +42,7 @@ def _gate(tile, gate_ptrs, mask, UPCAST: tl.constexpr):
 
 @triton.autotune(
     configs=gemm_configs(),
-    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "A_GATED", "B_GATED", "HAS_RESIDUAL"],
+    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "A_GATED", "B_GATED", "HAS_RESIDUAL", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": prune_gemm_configs},
     do_bench=quick_bench,
 )

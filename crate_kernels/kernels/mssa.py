@@ -103,7 +103,7 @@ def _mssa_fwd_tiles(
 
 @triton.autotune(
     configs=attention_configs(),
-    key=["N", "P", "IS_CAUSAL", "HAS_MASK"],
+    key=["N", "P", "IS_CAUSAL", "HAS_MASK", "DOT_PRECISION"],  # ieee vs tf32 changes which tiles fit
     prune_configs_by={"early_config_prune": prune_attention_configs},
 )
 @triton.jit(do_not_specialize=_SIZES)
@@ -306,7 +306,7 @@ def _mssa_bwd_tiles(
 
 @triton.autotune(
     configs=attention_configs(),
-    key=["N", "P", "IS_CAUSAL", "HAS_MASK"],
+    key=["N", "P", "IS_CAUSAL", "HAS_MASK", "DOT_PRECISION"],  # ieee vs tf32 changes which tiles fit
     prune_configs_by={"early_config_prune": prune_attention_configs},
 )
 @triton.jit(do_not_specialize=_SIZES)

@@ -9,7 +9,15 @@ import crate_kernels
 from crate_kernels import backend as backend_module
 from crate_kernels.ops.ista import _ista_bwd_op, _ista_fwd_op
 from reference.ista import ista_ref
-from tests.utils import assert_close_to_ref, compile_for_hopper, quick, run_without_interpreter, seeded
+from tests.utils import (
+    HOPPER_MAX_SHARED,
+    assert_close_to_ref,
+    compile_for_hopper,
+    hopper_shared_memory,
+    quick,
+    run_without_interpreter,
+    seeded,
+)
 
 # (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384, and more row
 # tiles than GROUP_M with several column tiles (the grouped tile order).
@@ -249,3 +257,76 @@ def test_ista_kernel_compiles_for_hopper():
     """The interpreter never compiles: catch what only the compiler rejects (types, dot shapes) on CPU too."""
     pytest.importorskip("triton.backends.nvidia")
     run_without_interpreter("from tests.ops.test_ista import _compile_for_hopper as c; c('bf16'); c('fp16')")
+
+
+def test_ista_autotune_key_has_dot_precision():
+    """ieee and tf32 compile one tile to different shared memory (fp32 64 × 128 × 64, 4 stages: 212,992 B in ieee,
+    229,376 B in tf32): a tile tuned under one fp32 matmul precision must not be reused under the other."""
+    from crate_kernels.kernels.ista import _ista_gemm_kernel
+
+    assert "DOT_PRECISION" in _ista_gemm_kernel.keys
+
+
+def _gemm_configs_for_gpu(monkeypatch) -> list:
+    from crate_kernels.kernels.configs import gemm_configs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
+    return gemm_configs()
+
+
+def test_ista_prune_fp32_stages(monkeypatch):
+    """fp32 128 × 64 tiles at 4 stages and 128 × 128 tiles at 3 exceed Hopper's shared memory; 16-bit keep theirs."""
+    from crate_kernels.kernels.configs import prune_gemm_configs
+
+    configs = _gemm_configs_for_gpu(monkeypatch)
+    fp32 = prune_gemm_configs(configs, {"M": 50432, "N": 768, "a_ptr": torch.empty(0)})
+    stages = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c.num_stages for c in fp32}
+    assert stages == {(64, 64): 3, (64, 128): 3, (128, 64): 3, (128, 128): 2}
+    bf16 = prune_gemm_configs(configs, {"M": 50432, "N": 768, "a_ptr": torch.empty(0, dtype=torch.bfloat16)})
+    assert [c.num_stages for c in bf16] == [c.num_stages for c in configs]
+
+
+def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
+    """Every GEMM config the prune keeps for a CRATE-B token GEMM, and the unpruned default config, compiled for
+    sm_90 at each variant the ops launch, fits Hopper's shared memory."""
+    from crate_kernels.kernels.configs import default_gemm_config, gemm_configs, prune_gemm_configs
+    from crate_kernels.kernels.ista import _ista_gemm_kernel
+
+    a = torch.empty(0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    configs = [*prune_gemm_configs(gemm_configs(), {"M": 50432, "N": 768, "a_ptr": a}), default_gemm_config()]
+    pointers = ("a_ptr", "a_gate_ptr", "b_ptr", "b_gate_ptr", "r_ptr", "r_gate_ptr")
+    variants = {  # (gates and epilogue, output type)
+        "forward": (dict(A_GATED=False, B_GATED=False, HAS_RESIDUAL=True, R_GATED=False, RELU=True), dtype),
+        "backward dx": (dict(A_GATED=True, B_GATED=False, HAS_RESIDUAL=True, R_GATED=True, RELU=False), dtype),
+        "split-K": (dict(A_GATED=False, B_GATED=True, HAS_RESIDUAL=False, R_GATED=False, RELU=False), "fp32"),
+    }
+    for name, (flags, out_dtype) in variants.items():
+        types = {p: f"*{dtype}" for p in pointers} | {"c_ptr": f"*{out_dtype}", "alpha": "fp32", "threshold": "fp32"}
+        constexprs = flags | {"UPCAST": False, "DOT_PRECISION": precision}
+        for config in configs:
+            shared = hopper_shared_memory(_ista_gemm_kernel, types, constexprs, config)
+            assert shared <= HOPPER_MAX_SHARED, f"{name}, {config}: {shared} B of shared memory"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the autotuner compiles these configs itself")
+def test_ista_pruned_configs_fit_hopper():
+    """A few minutes of compiling (fp32 in tf32 only, for time; the ieee sizes measured are within 7 % of tf32)."""
+    pytest.importorskip("triton.backends.nvidia")
+    run_without_interpreter(
+        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
+        "from tests.ops.test_ista import _shared_memory_of_kept_configs as c; c('fp32', 'tf32')"
+    )
+
+
+@pytest.mark.gpu
+def test_ista_default_config_fp32_gpu(monkeypatch, device):
+    """CRATE_KERNELS_AUTOTUNE=0's one config is launched unpruned: fp32 forward, dx and split-K must all launch."""
+    from crate_kernels.kernels.configs import default_gemm_config
+    from crate_kernels.kernels.ista import _ista_gemm_kernel
+
+    monkeypatch.setattr(_ista_gemm_kernel, "configs", [default_gemm_config()])
+    monkeypatch.setattr(_ista_gemm_kernel, "cache", {})
+    use_backend("triton", device)
+    _check(*_inputs((4, 197, 384), 384, torch.float32, device=device))

@@ -13,11 +13,19 @@ import triton
 import crate_kernels
 from crate_kernels import backend
 from crate_kernels.kernels import mssa as kernels
-from crate_kernels.kernels.configs import default_attention_config
+from crate_kernels.kernels.configs import attention_configs, default_attention_config, prune_attention_configs
 from crate_kernels.ops import mssa as ops_mssa
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
-from tests.utils import assert_close_to_ref, compile_for_hopper, quick, run_without_interpreter, seeded
+from tests.utils import (
+    HOPPER_MAX_SHARED,
+    assert_close_to_ref,
+    compile_for_hopper,
+    hopper_shared_memory,
+    quick,
+    run_without_interpreter,
+    seeded,
+)
 
 # (B, H, N, P): CRATE-S head width 48, odd token counts, N = 1.
 SHAPES = quick([(2, 3, 17, 48), (1, 1, 1, 16), (2, 2, 64, 32), (3, 1, 2, 80), (1, 2, 33, 64), (1, 1, 19, 128)])
@@ -431,6 +439,61 @@ def test_mssa_kernels_compile_for_hopper():
     run_without_interpreter(
         "from tests.ops.test_mssa import _compile_for_hopper as c; "
         "c('bf16', 64, True, True); c('fp16', 16, False, False)"
+    )
+
+
+def test_mssa_autotune_key_has_dot_precision():
+    """ieee and tf32 compile one tile to different shared memory (fp32 backward, P = 128, 128 × 64, 8 warps,
+    2 stages: 229,888 B in ieee, 233,984 B in tf32 > Hopper's 232,448): a tile tuned under one fp32 matmul precision
+    must not be reused, from the autotune cache, under the other."""
+    for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
+        assert "DOT_PRECISION" in kernel.keys
+
+
+def _attention_configs_for_gpu(monkeypatch) -> list[triton.Config]:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
+    return attention_configs()
+
+
+def test_mssa_prune_fp32_backward_fits_hopper(monkeypatch):
+    """fp32 backward at P > 64: 128 × 64 and 64 × 128 tiles exceed Hopper's shared memory (see the compile check
+    below); the forward keeps them, 16-bit inputs keep them."""
+    configs = _attention_configs_for_gpu(monkeypatch)
+    fp32, bf16 = torch.empty(0), torch.empty(0, dtype=torch.bfloat16)
+    bwd = prune_attention_configs(configs, {"N": 197, "P": 128, "W": fp32, "dW": fp32})
+    assert bwd and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in bwd)
+    for named_args in ({"N": 197, "P": 128, "W": fp32}, {"N": 197, "P": 128, "W": bf16, "dW": bf16}):
+        kept = prune_attention_configs(configs, named_args)
+        assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) == 64 * 128
+    # At P = 64 the fp32 backward's 128 × 128 tile takes 264,192 B in IEEE fp32 (169,984 B in tf32).
+    for precision, largest in (("ieee", 64 * 128), ("tf32", 128 * 128)):
+        kept = prune_attention_configs(configs, {"N": 197, "P": 64, "W": fp32, "dW": fp32}, DOT_PRECISION=precision)
+        assert max(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in kept) == largest
+
+
+def _shared_memory_of_kept_configs(dtype: str, precision: str, N: int, P: int) -> None:
+    """Every backward config the prune keeps for fp32 at (N, P), compiled for sm_90, fits Hopper's shared memory."""
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    w = torch.empty(0, dtype=torch_dtype)
+    configs = prune_attention_configs(attention_configs(), {"N": N, "P": P, "W": w, "dW": w})
+    types = {"W": f"*{dtype}", "dOut": f"*{dtype}", "dW": f"*{dtype}", "Lse": "*fp32", "Delta": "*fp32"}
+    types |= {"Mask": "*u8", "scale": "fp32"}
+    constexprs = {"P_PAD": max(16, triton.next_power_of_2(P)), "IS_CAUSAL": False, "HAS_MASK": True}
+    constexprs |= {"UPCAST": False, "DOT_PRECISION": precision}
+    for config in configs:
+        shared = hopper_shared_memory(kernels._mssa_bwd_kernel, types, constexprs, config)
+        assert shared <= HOPPER_MAX_SHARED, f"{config}: {shared} B of shared memory"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the autotuner compiles these configs itself")
+def test_mssa_pruned_backward_configs_fit_hopper():
+    """About a minute of compiling (tf32 only: each ieee backward compile takes 30–150 s)."""
+    pytest.importorskip("triton.backends.nvidia")
+    run_without_interpreter(
+        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
+        "from tests.ops.test_mssa import _shared_memory_of_kept_configs as c; c('fp32', 'tf32', 197, 128)"
     )
 
 
