@@ -239,7 +239,7 @@ _GPU_OP = [*((name, 256) for name in _VISION), ("crate_lm_base", 32)]
 # CRATE-L's whole training step at half the batch (eager upstream keeps every attention matrix for backward).
 _GPU_MODEL = [(name, 128 if "large" in name else 256) for name in _VISION] + [("crate_lm_base", 16)]
 _CPU_OP = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_lm_demo", 2), ("crate_tiny_patch16_224", 2)]
-_CPU_MODEL = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_lm_demo", 2)]
+_CPU_MODEL = [("crate_demo", 8), ("crate_alpha_demo", 8), ("crate_lm_demo", 2), ("crate_tiny_patch16_224", 8)]
 
 
 def op_shapes() -> list[BenchShape]:
