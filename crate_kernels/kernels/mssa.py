@@ -101,11 +101,15 @@ def _mssa_fwd_tiles(
     return acc, m_i, l_i
 
 
-@triton.autotune(
+# The forward and the backward tune over the same tiles with the same key (each kernel keeps its own cache).
+_autotune_attention = triton.autotune(
     configs=attention_configs(),
     key=["N", "P", "IS_CAUSAL", "HAS_MASK", "DOT_PRECISION"],  # ieee vs tf32 changes which tiles fit
     prune_configs_by={"early_config_prune": prune_attention_configs},
 )
+
+
+@_autotune_attention
 @triton.jit(do_not_specialize=_SIZES)
 def _mssa_fwd_kernel(
     W,  # (B, H, N, P) input, any strides
@@ -304,11 +308,7 @@ def _mssa_bwd_tiles(
     return acc
 
 
-@triton.autotune(
-    configs=attention_configs(),
-    key=["N", "P", "IS_CAUSAL", "HAS_MASK", "DOT_PRECISION"],  # ieee vs tf32 changes which tiles fit
-    prune_configs_by={"early_config_prune": prune_attention_configs},
-)
+@_autotune_attention
 @triton.jit(do_not_specialize=_SIZES)
 def _mssa_bwd_kernel(
     W,  # (B, H, N, P) forward input, any strides
