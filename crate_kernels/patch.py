@@ -1,15 +1,15 @@
 """Patching an existing model: swap its MSSA / ISTA blocks for the fused drop-in modules, in place, and back.
 
 ``apply_crate_kernels(model)`` walks a model instance and replaces every upstream-layout block it recognises — the
-official code's ``Attention``, ``FeedForward`` and ``OvercompleteISTABlock`` (the classes in ``reference/`` carry the
-same names and attributes) — by ``crate_kernels.MSSA``, ``ISTA`` or ``OvercompleteISTA``. The new module is built on
-the meta device and then given the original's own submodules and ``Parameter`` objects: nothing is copied or
-allocated, ``state_dict`` keys stay the same, and an optimizer built before the swap keeps training the same tensors.
-``revert_crate_kernels(model)`` puts the original module objects back. No class or function is monkey-patched.
+official code's ``Attention``, ``FeedForward`` and ``OvercompleteISTABlock``, and crate-lm's ``CausalSelfAttention``
+and ``MLP`` (the classes in ``reference/`` carry the same names and attributes) — by ``crate_kernels.MSSA`` (for
+crate-lm, ``CrateLMAttention``, which keeps crate-lm's submodule names), ``ISTA`` or ``OvercompleteISTA``. The new
+module is built on the meta device and then given the original's own submodules and ``Parameter`` objects: nothing is
+copied or allocated, ``state_dict`` keys stay the same, and an optimizer built before the swap keeps training the same
+tensors. ``revert_crate_kernels(model)`` puts the original module objects back. No class or function is
+monkey-patched.
 
-Limits: forward hooks registered on a swapped block stay on the original object (re-register them after a swap);
-crate-lm's own ``CausalSelfAttention`` / ``MLP`` classes are not recognised (load their weights into ``CRATELM`` with
-``load_official`` instead).
+Limits: forward hooks registered on a swapped block stay on the original object (re-register them after a swap).
 """
 
 from __future__ import annotations
@@ -79,6 +79,29 @@ def _is_upstream_overcomplete(m: nn.Module) -> bool:
     )
 
 
+def _is_crate_lm_attention(m: nn.Module) -> bool:
+    return (
+        type(m).__name__ == "CausalSelfAttention"
+        and isinstance(getattr(m, "c_attn", None), nn.Linear)
+        and m.c_attn.bias is None
+        and isinstance(getattr(m, "c_proj", None), nn.Linear)
+        and isinstance(getattr(m, "n_head", None), int)
+        and isinstance(getattr(m, "resid_dropout", None), nn.Dropout)
+    )
+
+
+def _is_crate_lm_ista(m: nn.Module) -> bool:
+    weight = getattr(m, "weight", None)  # (m, D) = Dᵀ of the shared overcomplete dictionary
+    return (
+        type(m).__name__ == "MLP"
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and weight.shape[0] % weight.shape[1] == 0
+        and hasattr(m, "step_size")
+        and hasattr(m, "lambd")
+    )
+
+
 def _synthesis_paths(model: nn.Module) -> set[str]:
     """Paths of upstream CRATE-MAE decoder synthesis steps. Upstream names them ``FeedForward`` too (square
     ``weight``, ``step_size``, ``lambd``) but they compute the plain linear map ``x Dᵀ``; they are the first block of
@@ -100,6 +123,28 @@ def _fused_attention(m: nn.Module) -> MSSA:
     return new
 
 
+class CrateLMAttention(MSSA):
+    """crate-lm's ``CausalSelfAttention`` on the fused core, keeping its submodule names (``c_attn``, ``c_proj``,
+    ``resid_dropout``) and so its ``state_dict`` keys: ``c_attn`` is MSSA's ``qkv``, ``c_proj`` + ``resid_dropout``
+    its ``to_out``, causal, with crate-lm's attention dropout."""
+
+    def __init__(self, original: nn.Module):
+        nn.Module.__init__(self)  # the submodules are the original's: build none
+        self.c_attn, self.c_proj, self.resid_dropout = original.c_attn, original.c_proj, original.resid_dropout
+        self.heads = original.n_head
+        self.dim_head = original.c_attn.out_features // original.n_head
+        self.scale = self.dim_head**-0.5
+        self.attn_dropout = float(getattr(original, "dropout", 0.0))
+        self.is_causal = True
+
+    @property
+    def qkv(self) -> nn.Linear:
+        return self.c_attn
+
+    def to_out(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.c_proj(merged))
+
+
 def _fused_feedforward(m: nn.Module) -> ISTA:
     with torch.device("meta"):
         new = ISTA(m.weight.shape[0], step_size=m.step_size, lambd=m.lambd)
@@ -112,6 +157,14 @@ def _fused_overcomplete(m: nn.Module) -> OvercompleteISTA:
     with torch.device("meta"):
         new = OvercompleteISTA(dim, overcomplete_ratio=atoms // dim, step_size=m.eta, lambd=m.lmbda)
     new.D, new.D1 = m.D, m.D1
+    return new
+
+
+def _fused_crate_lm_ista(m: nn.Module) -> OvercompleteISTA:
+    atoms, dim = m.weight.shape
+    with torch.device("meta"):
+        new = OvercompleteISTA(dim, atoms // dim, step_size=m.step_size, lambd=m.lambd, shared=True)
+    new.weight = m.weight
     return new
 
 
@@ -135,7 +188,8 @@ def apply_crate_kernels(model: nn.Module, mssa: bool = True, ista: bool = True) 
 
     Args:
         model: any ``nn.Module`` holding upstream (or ``reference/``) ``Attention``, ``FeedForward`` or
-            ``OvercompleteISTABlock`` blocks, or crate_kernels modules (left as they are).
+            ``OvercompleteISTABlock`` blocks, crate-lm's ``CausalSelfAttention`` and ``MLP``, or crate_kernels
+            modules (left as they are).
         mssa: swap attention blocks. ista: swap ISTA blocks.
 
     Returns:
@@ -146,9 +200,13 @@ def apply_crate_kernels(model: nn.Module, mssa: bool = True, ista: bool = True) 
         raise TypeError(f"mssa and ista must be bools, got mssa={mssa!r}, ista={ista!r}")
     builders: list[tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
     if mssa:
-        builders.append((_is_upstream_attention, _fused_attention))
+        builders += [(_is_upstream_attention, _fused_attention), (_is_crate_lm_attention, CrateLMAttention)]
     if ista:
-        builders += [(_is_upstream_feedforward, _fused_feedforward), (_is_upstream_overcomplete, _fused_overcomplete)]
+        builders += [
+            (_is_upstream_feedforward, _fused_feedforward),
+            (_is_upstream_overcomplete, _fused_overcomplete),
+            (_is_crate_lm_ista, _fused_crate_lm_ista),
+        ]
     fused_types = tuple(t for t, wanted in ((MSSA, mssa), (ISTA, ista), (OvercompleteISTA, ista)) if wanted)
 
     report = PatchReport()

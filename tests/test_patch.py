@@ -8,6 +8,7 @@ import crate_kernels
 from crate_kernels import ISTA, MSSA, OvercompleteISTA, apply_crate_kernels, revert_crate_kernels
 from reference import crate as ref_crate
 from reference import crate_alpha as ref_crate_alpha
+from reference import crate_lm as ref_crate_lm
 from reference import crate_mae as ref_crate_mae
 from reference.ista import FeedForward, OvercompleteISTABlock
 from reference.mssa import Attention
@@ -119,6 +120,35 @@ def test_apply_on_upstream_crate_alpha_keeps_outputs():
     assert model.transformer.layers[0][0].fn.to_out[0].bias is None  # the bias-free projection is kept as it is
     with torch.no_grad():
         assert_close_to_ref("patched CRATE-α", model(images), expected)
+
+
+def test_apply_on_upstream_crate_lm_in_place():
+    """crate-lm's own CausalSelfAttention and MLP are swapped in place: same Parameters, same keys, same logits."""
+    crate_kernels.set_backend("torch")
+    torch.manual_seed(0)
+    config = ref_crate_lm.CRATEConfig(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=32)
+    model = ref_crate_lm.CRATE(config).eval()
+    idx = torch.randint(50, (2, 16), generator=seeded(5))
+    before_params, before_keys = _params(model), list(model.state_dict())
+    with torch.no_grad():
+        expected, _ = model(idx, targets=idx)
+    report = apply_crate_kernels(model)
+    assert set(report.swapped) == {f"transformer.h.{i}.{name}" for i in range(2) for name in ("attn", "ista")}
+    assert sorted(set(report.swapped.values())) == [
+        ("CausalSelfAttention", "CrateLMAttention"),
+        ("MLP", "OvercompleteISTA"),
+    ]
+    attn, ista = model.transformer.h[0].attn, model.transformer.h[0].ista
+    assert isinstance(attn, MSSA) and attn.is_causal and (attn.heads, attn.dim_head) == (2, 16)
+    assert isinstance(ista, OvercompleteISTA) and ista.shared
+    assert list(model.state_dict()) == before_keys
+    assert (
+        all(p is before_params[k] for k, p in _params(model).items()) and _params(model).keys() == before_params.keys()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets=idx)[0], expected, rtol=1e-5, atol=1e-5)
+    revert_crate_kernels(model)
+    assert type(model.transformer.h[1].attn).__name__ == "CausalSelfAttention"
 
 
 def test_apply_skips_the_mae_decoders_synthesis_step():

@@ -37,8 +37,8 @@ for _size, _patch in (("small", 16), ("base", 16), ("large", 14)):
         dim_head=_dim // _heads,
     )
 
-# CRATE-MAE: upstream's mae_crate_{small,base}; the decoder mirrors the encoder.
-for _size in ("small", "base"):
+# CRATE-MAE: upstream's mae_crate_{tiny,small,base,large}; the decoder mirrors the encoder.
+for _size in ("tiny", "small", "base", "large"):
     _dim, _depth, _heads = _CRATE_SIZES[_size]
     register_model(
         f"crate_mae_{_size}_patch16_224",

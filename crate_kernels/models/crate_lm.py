@@ -10,7 +10,7 @@ Layout: the family's (``transformer.layers.{i}.{0,1}.{norm,fn}``, plus ``wte``, 
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -167,10 +167,19 @@ class CRATEMLM(_CRATETextModel):
         return self.vocab_size - 1
 
     def mask_tokens(
-        self, idx: torch.Tensor, mask_prob: float = 0.15, generator: torch.Generator | None = None
+        self,
+        idx: torch.Tensor,
+        mask_prob: float = 0.15,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT's corruption: pick each token with probability ``mask_prob``; of those, 80 % become the mask token,
-        10 % a random token, 10 % stay.
+        10 % a random token other than it, 10 % stay.
+
+        Args:
+            idx: (B, T) token ids.
+            generator: one generator for every row (drawn row after row), one per row (row i from ``generator[i]``:
+                a row's corruption then depends on its own generator alone, not on the rows batched with it), or
+                None for the global RNG. Draws happen on each generator's device.
 
         Returns:
             inputs (B, T) for ``forward``; labels (B, T): the original token where picked, −100 elsewhere
@@ -178,12 +187,23 @@ class CRATEMLM(_CRATETextModel):
         """
         if not 0 < mask_prob <= 1:
             raise ValueError(f"mask_prob must lie in (0, 1], got {mask_prob}")
-        draw = torch.rand(idx.shape, generator=generator, device=idx.device)
+        B, T = idx.shape
+        generators = list(generator) if isinstance(generator, Sequence) else [generator] * B
+        if len(generators) != B:
+            raise ValueError(f"generator: one per row of idx expected, got {len(generators)} for {B} rows")
+        if B == 0:
+            return idx.clone(), idx.clone()
+
+        def row_draws(g: torch.Generator | None) -> tuple[torch.Tensor, ...]:
+            device = idx.device if g is None else g.device
+            # a uniform to pick, a uniform to split the picked ones, a replacement id below the mask token's
+            draws = (torch.rand(T, generator=g, device=device), torch.rand(T, generator=g, device=device))
+            return (*draws, torch.randint(self.mask_token_id, (T,), generator=g, device=device))
+
+        draw, split, random_ids = (torch.stack(d).to(idx.device) for d in zip(*map(row_draws, generators)))
         picked = draw < mask_prob
         labels = idx.masked_fill(~picked, -100)
-        # split the picked ones by a second uniform draw: [0, .8) mask, [.8, .9) random, [.9, 1) keep
-        split = torch.rand(idx.shape, generator=generator, device=idx.device)
-        random_ids = torch.randint(self.vocab_size - 1, idx.shape, generator=generator, device=idx.device)
+        # the picked ones by the second draw: [0, .8) mask, [.8, .9) random, [.9, 1) keep
         inputs = torch.where(picked & (split < 0.8), self.mask_token_id, idx)
         inputs = torch.where(picked & (split >= 0.8) & (split < 0.9), random_ids, inputs)
         return inputs, labels

@@ -6,7 +6,8 @@
 are read with ``torch.load(weights_only=True)`` (or safetensors), never unpickled freely. Everything is checked before
 the first tensor is copied, so a checkpoint that does not fit leaves the model untouched and the error lists every
 missing key, unexpected key and shape mismatch. Position embeddings trained at another image size are resized
-(bicubic on the patch grid, the class token kept), as timm does for ViTs.
+(bicubic on the patch grid, the class token kept), as timm does for ViTs; CRATE-MAE's fixed 2-D sin-cos tables are a
+function of the grid, so they are computed afresh for the new one instead.
 
 ``save_pretrained(model, folder)`` writes ``config.json`` (the registry name and the overrides) and
 ``model.safetensors``; ``from_pretrained(folder)`` rebuilds the model from them.
@@ -54,10 +55,15 @@ class LoadReport:
     layout: str
     num_tensors: int
     interpolated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    regenerated: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.num_tensors} tensors from {self.source} (layout {self.layout!r})"]
         lines += [f"  resized {k}: {tuple(a)} -> {tuple(b)}" for k, (a, b) in self.interpolated.items()]
+        lines += [
+            f"  regenerated {k} (fixed sin-cos table) for the new grid: {tuple(a)} -> {tuple(b)}"
+            for k, (a, b) in self.regenerated.items()
+        ]
         return "\n".join(lines)
 
 
@@ -153,6 +159,17 @@ def _resize_pos_embedding(pe: torch.Tensor, n_tokens: int, grid: tuple[int, int]
     return torch.cat([cls, patches], dim=1)
 
 
+def _fixed_sincos_table(model: nn.Module, key: str, src: torch.Tensor) -> bool:
+    """Whether ``key`` is a frozen parameter of ``model`` and ``src`` (1, 1 + side², D) the 2-D sin-cos table of its
+    square grid (CRATE-MAE's ``pos_embed`` / ``decoder_pos_embed``), to the checkpoint dtype's rounding."""
+    param = dict(model.named_parameters(remove_duplicate=False)).get(key)
+    if param is None or param.requires_grad or src.shape[2] % 4:
+        return False
+    side = math.isqrt(src.shape[1] - 1)
+    table = crate_mae.sincos_pos_embed_2d(src.shape[2], side, side)[None]
+    return torch.allclose(src.float(), table.to(src.dtype).float(), rtol=0, atol=1e-6)
+
+
 def _resizable(key: str, src: torch.Tensor, dst: torch.Tensor, grid: tuple[int, int]) -> bool:
     if not _POS_EMBEDDING.search(key) or src.dim() != 3 or dst.dim() != 3 or src.shape[0] != 1:
         return False
@@ -190,7 +207,8 @@ def load_official(
         path_or_state_dict: a ``.pth`` / ``.pt`` / ``.safetensors`` file, or an already loaded object: a state dict,
             or a container holding it under ``state_dict`` / ``model`` / ``module`` (nested containers too). Keys may
             carry ``module.`` (DataParallel / DDP) or ``_orig_mod.`` (torch.compile) prefixes.
-        interpolate: resize position embeddings (1, 1 + L, D) of another square patch grid to the model's.
+        interpolate: resize position embeddings (1, 1 + L, D) of another square patch grid to the model's (a fixed
+            sin-cos table is computed for the model's grid instead).
 
     Returns:
         A :class:`LoadReport`.
@@ -219,7 +237,7 @@ def load_official(
             best = (overlap, layout, candidate)
     _, layout, candidate = best
 
-    loaded, interpolated, shapes = {}, {}, []
+    loaded, interpolated, regenerated, shapes = {}, {}, {}, []
     for key in sorted(candidate.keys() & target.keys()):
         src, dst = candidate[key], target[key]
         if src.shape == dst.shape:
@@ -227,8 +245,12 @@ def load_official(
             continue
         grid = _target_grid(model, dst.shape[1] - 1) if dst.dim() == 3 else (0, 0)
         if interpolate and _resizable(key, src, dst, grid):
-            loaded[key] = _resize_pos_embedding(src, dst.shape[1], grid)
-            interpolated[key] = (tuple(src.shape), tuple(dst.shape))
+            if _fixed_sincos_table(model, key, src):
+                loaded[key] = crate_mae.sincos_pos_embed_2d(dst.shape[2], *grid)[None].to(dst.dtype)
+                regenerated[key] = (tuple(src.shape), tuple(dst.shape))
+            else:
+                loaded[key] = _resize_pos_embedding(src, dst.shape[1], grid)
+                interpolated[key] = (tuple(src.shape), tuple(dst.shape))
         else:
             shapes.append(f"{key}: {tuple(src.shape)} vs {tuple(dst.shape)}")
     missing = sorted(target.keys() - candidate.keys())
@@ -236,7 +258,7 @@ def load_official(
     if missing or unexpected or shapes:
         raise ValueError(_mismatch_report(model, layout, missing, unexpected, shapes))
     model.load_state_dict(loaded, strict=True)
-    return LoadReport(source=source, layout=layout, num_tensors=len(loaded), interpolated=interpolated)
+    return LoadReport(source, layout, len(loaded), interpolated, regenerated)
 
 
 # --- our own folders ------------------------------------------------------------------------------------------------

@@ -266,7 +266,8 @@ def rank_micro_batches(
 
 
 def eval_batches(dataset: ImageSet | TextSet, batch_size: int, world: tuple):
-    """This rank's share of the held-out set, in order: (inputs, targets, weight) with at most ``batch_size`` samples.
+    """This rank's share of the held-out set, in order: (inputs, targets, sample indices, weight) with at most
+    ``batch_size`` samples.
 
     Every rank yields the same number of batches (FSDP2 runs each forward collectively); a rank left without samples
     in the last one gets a stand-in sample with weight 0.
@@ -274,4 +275,5 @@ def eval_batches(dataset: ImageSet | TextSet, batch_size: int, world: tuple):
     rank, world_size = world
     for lo in range(0, len(dataset), batch_size * world_size):
         chunk = torch.arange(lo, min(lo + batch_size * world_size, len(dataset)))[rank::world_size]
-        yield (*dataset.batch(chunk if len(chunk) else torch.tensor([0])), float(len(chunk) > 0))
+        index = chunk if len(chunk) else torch.tensor([0])
+        yield (*dataset.batch(index), index, float(len(chunk) > 0))

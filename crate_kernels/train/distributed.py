@@ -76,6 +76,12 @@ def wrap(model: nn.Module, ctx: Context) -> nn.Module:
             # shard the pair as one unit, gathered once per block.
             fully_shard(list(block) if isinstance(block, nn.ModuleList) else block, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if hasattr(model, "generate"):
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            # The language model samples through generate(), not forward(): its root parameters (embeddings, final
+            # norm) must be gathered for it too.
+            register_fsdp_forward_method(model, "generate")
     return model
 
 

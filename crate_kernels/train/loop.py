@@ -19,7 +19,15 @@ from crate_kernels.train.config import ConfigError, TrainConfig
 from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run, sample_generators
+from crate_kernels.train.tasks import (
+    TASK_CLASSES,
+    Task,
+    build_model,
+    format_table,
+    held_out_generators,
+    plot_run,
+    sample_generators,
+)
 
 NOT_RESUMED = {"max_steps", "progress"}  # config keys a resumed run may change without being another run
 
@@ -71,11 +79,9 @@ def evaluate(task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Con
     model.eval()
     sums = torch.zeros(1 + len(task.eval_names), dtype=torch.float64)
     micro = cfg.optim.batch_size // (ctx.world_size * cfg.optim.grad_accum)
-    for i, (x, y, weight) in enumerate(eval_batches(val, micro, ctx.world)):
+    for x, y, index, weight in eval_batches(val, micro, ctx.world):
         with autocast():
-            sums += weight * task.eval_sums(
-                model, x.to(ctx.device), y.to(ctx.device), batch=i * ctx.world_size + ctx.rank
-            )
+            sums += weight * task.eval_sums(model, x.to(ctx.device), y.to(ctx.device), held_out_generators(index))
     model.train()
     return task.metrics(distributed.all_reduce(sums.to(ctx.device), ctx).cpu())
 
@@ -165,7 +171,8 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
             samples = sample_generators(cfg.seed, step, first, len(x))
             with distributed.sync_gradients(model, ctx, sync=k == len(micro) - 1):
                 with autocast():
-                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator, samples) / len(micro)
+                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator, samples, step)
+                    loss = loss / len(micro)
                 scaler.scale(loss).backward()
             step_loss += loss.detach().float()
         if cfg.optim.grad_clip > 0:

@@ -53,7 +53,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``optim.lr`` at 0-based ``step``: linear warmup, then cosine down to ``optim.min_lr``.
+    """Multiplier of ``optim.lr`` at 0-based ``step``: linear warmup, then cosine down to ``optim.min_lr``, which the
+    last step (``cfg.steps − 1``) trains with.
 
     It follows ``cfg.steps`` (the configured length), never ``--max-steps``, so a run stopped early and resumed is the
     same run.
@@ -61,7 +62,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     warmup = cfg.optim.warmup_steps
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - 1 - warmup))
     floor = cfg.optim.min_lr / cfg.optim.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -45,13 +45,24 @@ class Task:
         y: torch.Tensor,
         generator: torch.Generator,
         samples: list[torch.Generator] | None = None,
+        step: int | None = None,
     ) -> torch.Tensor:
-        """The micro-batch's loss; ``generator`` for per-micro-batch draws (mixup), ``samples`` (one per sample, see
-        ``sample_generators``) for per-sample draws (MAE and MLM masks), the micro-batch's generator when None."""
+        """The micro-batch's loss, as a mean over its samples: the loop's average over micro-batches and ranks is
+        then the global batch's loss, whatever the world size.
+
+        ``generator`` serves per-micro-batch draws (mixup), ``samples`` (one per sample, see ``sample_generators``)
+        per-sample draws (MAE and MLM masks), the micro-batch's generator when None. ``step``: the training step
+        whose global batch this micro-batch belongs to (None: the micro-batch stands alone).
+        """
         raise NotImplementedError
 
-    def eval_sums(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-        """(1 + len(eval_names),) float64: sample count, then the sums of each evaluation quantity."""
+    def eval_sums(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: list[torch.Generator]
+    ) -> torch.Tensor:
+        """(1 + len(eval_names),) float64: sample count, then the sums of each evaluation quantity.
+
+        ``samples``: one generator per sample, keyed by its place in the held-out set (``held_out_generators``).
+        """
         raise NotImplementedError
 
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
@@ -69,13 +80,19 @@ def sample_generators(seed: int, step: int, first: int, n: int) -> list[torch.Ge
     return [torch.Generator().manual_seed(hash((seed, step, 2, first + i)) & (2**62 - 1)) for i in range(n)]
 
 
+def held_out_generators(index: torch.Tensor) -> list[torch.Generator]:
+    """One generator per held-out sample, keyed by its index in the held-out set alone: every evaluation (any step,
+    seed or world size) draws the same masks for it."""
+    return [g for i in index.tolist() for g in sample_generators(0, -1, i, 1)]
+
+
 class Classify(Task):
     eval_names = ("loss", "accuracy")
 
     def data_overrides(self, train: ImageSet) -> dict[str, Any]:
         return super().data_overrides(train) | {"num_classes": train.num_classes}
 
-    def loss(self, model, x, y, generator, samples=None):
+    def loss(self, model, x, y, generator, samples=None, step=None):
         if self.cfg.task.mixup > 0:
             # Mix each sample with its mirror in the micro-batch; one Beta(a, a) weight per micro-batch.
             lam = _beta(self.cfg.task.mixup, generator)
@@ -86,7 +103,7 @@ class Classify(Task):
             )
         return F.cross_entropy(model(x), y, label_smoothing=self.cfg.task.label_smoothing)
 
-    def eval_sums(self, model, x, y, batch):
+    def eval_sums(self, model, x, y, samples):
         logits = model(x).float()
         loss = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.argmax(-1) == y).sum()
@@ -102,20 +119,20 @@ def _beta(a: float, generator: torch.Generator) -> float:
 
 
 class MAE(Task):
-    def loss(self, model, x, y, generator, samples=None):
-        # The masks come from the samples' own generators, not the global RNG: that is the same on every rank (seeded
-        # alike for identical initial weights), so drawing from it would give every rank the same masks.
+    def _masked_loss(self, model: nn.Module, x: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """The model's loss with sample i masked by ``generators[i]``. Not the global RNG: that is the same on every
+        rank (seeded alike for identical initial weights), so drawing from it would give every rank the same masks.
+        Every sample has the same number of masked patches, so the loss is a mean over samples too."""
         grid_h, grid_w = model_attr(model, "grid")
-        generators = samples or [generator] * len(x)
         noise = torch.stack([torch.rand(grid_h * grid_w, generator=g) for g in generators]).to(x.device)
         loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
         return loss
 
-    def eval_sums(self, model, x, y, batch):
-        # Fixed masks per evaluation batch, so evaluations at different steps are comparable.
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            torch.manual_seed(batch)
-            loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio)
+    def loss(self, model, x, y, generator, samples=None, step=None):
+        return self._masked_loss(model, x, samples or [generator] * len(x))
+
+    def eval_sums(self, model, x, y, samples):
+        loss = self._masked_loss(model, x, samples)
         return torch.stack([torch.tensor(len(x)), loss.detach().float().cpu() * len(x)]).double()
 
     def finish(self, model, val, run_dir, is_main):
@@ -146,11 +163,11 @@ class LM(Task):
     def data_overrides(self, train):
         return {"block_size": self.cfg.data.block_size} if self.cfg.data.block_size else {}
 
-    def loss(self, model, x, y, generator, samples=None):
+    def loss(self, model, x, y, generator, samples=None, step=None):
         logits = model(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
-    def eval_sums(self, model, x, y, batch):
+    def eval_sums(self, model, x, y, samples):
         loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum") / y.shape[1]
         return torch.stack([torch.tensor(len(x)), loss.cpu()]).double()
 
@@ -175,32 +192,42 @@ class MLM(Task):
 
     data_overrides = LM.data_overrides
 
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self._masked_per_sample: tuple[tuple[int, int], float] | None = None  # ((step, T), value), the last asked
+
     def _mask(
         self, model: nn.Module, x: torch.Tensor, generators: list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked inputs (b, T) and targets (b, T) with -100 where nothing is predicted; row i drawn from
-        ``generators[i]``."""
-        T = x.shape[1]
-        draws = [
-            (
-                torch.rand(T, generator=g),
-                torch.rand(T, generator=g),
-                torch.randint(0, TEXT_VOCAB - 1, (T,), generator=g),
-            )
-            for g in generators
-        ]
-        u, kind, random_ids = (torch.stack(d).to(x.device) for d in zip(*draws, strict=True))
-        chosen = u < self.cfg.task.mlm_probability
-        inputs = torch.where(chosen & (kind < 0.8), model_attr(model, "mask_token_id"), x)
-        inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
-        return inputs, torch.where(chosen, x, -100)
+        ``generators[i]`` by the model's own BERT masking."""
+        return model_attr(model, "mask_tokens")(x, self.cfg.task.mlm_probability, generators)
 
-    def loss(self, model, x, y, generator, samples=None):
+    def _global_masked_per_sample(self, model: nn.Module, step: int, T: int) -> float:
+        """Masked tokens per sample over step ``step``'s whole global batch: every rank draws every sample's mask
+        (cheap, no communication) from the generators the loop gives each sample."""
+        if self._masked_per_sample is None or self._masked_per_sample[0] != (step, T):
+            batch = self.cfg.optim.batch_size
+            blank = torch.zeros(batch, T, dtype=torch.long)  # only which tokens are picked matters
+            _, targets = self._mask(model, blank, sample_generators(self.cfg.seed, step, 0, batch))
+            self._masked_per_sample = ((step, T), float((targets >= 0).sum()) / batch)
+        return self._masked_per_sample[1]
+
+    def loss(self, model, x, y, generator, samples=None, step=None):
         inputs, targets = self._mask(model, x, samples or [generator] * len(x))
-        return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        total = F.cross_entropy(
+            model(inputs).flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+        # The mean over the masked tokens of the whole global batch (not of each micro-batch, whose counts differ),
+        # written as a mean over this micro-batch's samples.
+        if step is None:
+            per_sample = float((targets >= 0).sum()) / len(x)
+        else:
+            per_sample = self._global_masked_per_sample(model, step, x.shape[1])
+        return total / (len(x) * max(per_sample, 1.0 / self.cfg.optim.batch_size))
 
-    def eval_sums(self, model, x, y, batch):
-        inputs, targets = self._mask(model, x, [torch.Generator().manual_seed(batch)] * len(x))
+    def eval_sums(self, model, x, y, samples):
+        inputs, targets = self._mask(model, x, samples)
         logits = model(inputs).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()

@@ -94,7 +94,7 @@ def test_crate_mae_fixed_embeddings_are_upstreams_sincos():
     assert sincos_pos_embed_2d(DIM, 2, 4).shape == (1 + 8, DIM)
 
 
-@pytest.mark.parametrize("size", ["small", "base"])
+@pytest.mark.parametrize("size", ["tiny", "small", "base", "large"])
 def test_crate_mae_presets_match_upstream(size):
     with torch.device("meta"):
         ref = mae_crate(size)

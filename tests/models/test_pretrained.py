@@ -9,10 +9,11 @@ import torch.nn.functional as F
 
 import crate_kernels
 from crate_kernels import create_model, from_pretrained, load_official, save_pretrained
+from crate_kernels.models.crate_mae import sincos_pos_embed_2d
 from reference import crate as ref_crate
 from reference import crate_alpha as ref_crate_alpha
 from reference import crate_lm as ref_crate_lm
-from reference.crate_mae import MaskedAutoencoderCRATE
+from reference.crate_mae import MaskedAutoencoderCRATE, get_2d_sincos_pos_embed
 from tests.utils import seeded
 
 # crate_demo's sizes (the model API contract), as upstream's CRATE class takes them
@@ -197,6 +198,29 @@ def test_load_official_interpolates_position_embeddings(tmp_path):
     torch.testing.assert_close(pe_dst[0, 1:], resized.reshape(36, 64))
     with pytest.raises(ValueError, match=r"pos_embedding: \(1, 17, 64\) vs \(1, 37, 64\)"):
         load_official(create_model("crate_demo", image_size=12), source.state_dict(), interpolate=False)
+
+
+@pytest.mark.parametrize("image_size", [12, (8, 12)], ids=["6x6", "4x6"])
+def test_load_official_regenerates_crate_mae_sincos_tables(image_size):
+    """CRATE-MAE's position tables are fixed 2-D sin-cos functions of the grid (upstream never trains them): at
+    another image size they are computed for the new grid, not resized; the learned tokens load as they are."""
+    torch.manual_seed(3)
+    upstream = MaskedAutoencoderCRATE(
+        img_size=8, patch_size=2, in_chans=1, embed_dim=64, depth=1, num_heads=4,
+        decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=4,
+    )  # fmt: skip
+    model = create_model("crate_mae_demo", depth=1, image_size=image_size)
+    report = load_official(model, upstream.state_dict())
+    grid = (6, 6) if image_size == 12 else (4, 6)
+    tokens = 1 + grid[0] * grid[1]
+    assert report.regenerated == {k: ((1, 17, 64), (1, tokens, 64)) for k in ("decoder_pos_embed", "pos_embed")}
+    assert report.interpolated == {} and "regenerated decoder_pos_embed" in str(report)
+    expected = get_2d_sincos_pos_embed(64, 6, cls_token=True)[None] if grid == (6, 6) else None
+    for table in (model.pos_embed, model.decoder_pos_embed):
+        torch.testing.assert_close(table, sincos_pos_embed_2d(64, *grid)[None], rtol=0, atol=0)
+        if expected is not None:  # upstream's own function (square grids only) agrees
+            torch.testing.assert_close(table, expected.float(), rtol=0, atol=1e-6)
+    assert torch.equal(model.mask_token, upstream.mask_token)
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path):

@@ -9,7 +9,7 @@ from crate_kernels import create_model, list_models
 VANILLA = [f"crate_{s}_patch{p}_224" for s in ("tiny", "small", "base", "large") for p in (16, 8)]
 DEMOS = ["crate_demo", "crate_alpha_demo", "crate_mae_demo", "crate_lm_demo", "crate_mlm_demo"]
 ALPHA = ["crate_alpha_small_patch16_224", "crate_alpha_base_patch16_224", "crate_alpha_large_patch14_224"]
-MAE = ["crate_mae_small_patch16_224", "crate_mae_base_patch16_224"]
+MAE = [f"crate_mae_{s}_patch16_224" for s in ("tiny", "small", "base", "large")]
 TEXT = ["crate_lm_small", "crate_lm_base", "crate_mlm_small", "crate_mlm_base"]
 
 

@@ -20,7 +20,9 @@ def test_optim_lion_update_rule():
 def test_optim_schedule_warmup_cosine_ignores_max_steps():
     cfg = from_flat({"steps": 100, "optim.warmup_steps": 10, "optim.lr": 1.0, "optim.min_lr": 0.1})
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(55, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(10, cfg) == pytest.approx(1.0)  # the cosine starts where the warmup ends
+    assert lr_factor(10 + 89 // 2, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 44 / 89)))
+    assert lr_factor(98, cfg) > 0.1 and lr_factor(99, cfg) == pytest.approx(0.1)  # the last step trains at min_lr
     assert lr_factor(100, cfg) == pytest.approx(0.1)
     stopped = from_flat({"steps": 100, "max_steps": 20, "optim.warmup_steps": 10, "optim.lr": 1.0})
     assert lr_factor(30, stopped) == lr_factor(30, from_flat({"steps": 100, "optim.warmup_steps": 10, "optim.lr": 1.0}))

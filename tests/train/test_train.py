@@ -164,31 +164,62 @@ def test_train_default_backend_smoke(tmp_path):
     assert result["eval_loss"] > 0
 
 
+TEXT_TASK = {"model.args": TINY["model.args"] + ",block_size=32", "data.val_fraction": 0.005}
+TASKS = {"classify": {}, "mae": {}, "lm": TEXT_TASK, "mlm": TEXT_TASK}
+
+
+def task_config(task: str, out: Path, **values) -> dict:
+    """The flat config of a 4-step run of ``task`` (evaluated at step 4) writing to ``out``."""
+    return TINY | TASKS[task] | {"task.name": task, "out": str(out), "max_steps": 4} | values
+
+
+@pytest.fixture(scope="module")
+def single_process_runs(tmp_path_factory) -> Path:
+    """Every task trained 4 steps in this process: global batch 16 as one micro-batch."""
+    root = tmp_path_factory.mktemp("single")
+    for task in TASKS:
+        train(from_flat(task_config(task, root / task)))
+    return root
+
+
+def records(run_dir: Path) -> tuple[dict[int, float], dict[str, float]]:
+    """(train loss per step, the held-out metrics of the last evaluation)."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    held_out = [r for r in lines if "eval_loss" in r][-1]
+    return losses(run_dir), {k: v for k, v in held_out.items() if k.startswith("eval_")}
+
+
 # One xdist worker runs both (`--dist loadgroup`): two torchrun launches at once can race for the same free port.
 @pytest.mark.xdist_group("torchrun")
-@pytest.mark.parametrize(("parallel", "task"), [("ddp", "classify"), ("fsdp2", "classify"), ("ddp", "mae")])
-def test_train_two_processes_match_one(tmp_path, parallel, task):
-    """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses.
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
+    """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: the same train
+    losses at every step and the same held-out metrics, for every task. One launch runs the four tasks in turn.
 
-    The FSDP2 run stops at step 2 and resumes to 4 from its sharded checkpoint. The MAE run checks that each
-    sample's random mask does not depend on the rank or micro-batch it lands in.
+    MAE and MLM check that each sample's random mask depends on neither the rank nor the micro-batch it lands in
+    (nor, held out, on the evaluation batch), and MLM that its loss is the mean over the global batch's masked
+    tokens. The FSDP2 runs stop at step 2 and resume to 4 from their sharded checkpoints.
     """
-    train(tiny(tmp_path / "single", max_steps=4, task__name=task))
-    flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--out={tmp_path / 'multi'}", "--optim.grad_accum=2"]
-    flags.append(f"--task={task}")
+    stops = (2, 4) if parallel == "fsdp2" else (4,)
+    runs = [
+        task_config(task, tmp_path / task, parallel=parallel, max_steps=stop, **{"optim.grad_accum": 2})
+        for task in TASKS
+        for stop in stops
+    ]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "crate_kernels.train", f"--parallel={parallel}", *flags]
+    command += ["-m", "tests.train.run_configs", json.dumps(runs)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for max_steps in (2, 4) if parallel == "fsdp2" else (4,):
-        done = subprocess.run([*command, f"--max-steps={max_steps}"], cwd=ROOT, env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-3000:]
-    single, multi = losses(tmp_path / "single" / "run"), losses(tmp_path / "multi")
-    assert single.keys() == multi.keys() == {1, 2, 3, 4}
-    for step in single:
-        assert multi[step] == pytest.approx(single[step], rel=1e-5), step
-    written = {p.name for p in (checkpoint.checkpoints(tmp_path / "multi")[-1]).iterdir()}
-    assert written >= {"train.pt", "rng_rank0.pt", "rng_rank1.pt"}
-    assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for task in TASKS:
+        (single, single_eval), (multi, multi_eval) = records(single_process_runs / task), records(tmp_path / task)
+        assert single.keys() == multi.keys() == {1, 2, 3, 4}, task
+        for step in single:
+            assert multi[step] == pytest.approx(single[step], rel=1e-5), (task, step)
+        assert multi_eval == pytest.approx(single_eval, rel=1e-5), task
+        written = {p.name for p in (checkpoint.checkpoints(tmp_path / task)[-1]).iterdir()}
+        assert written >= {"train.pt", "rng_rank0.pt", "rng_rank1.pt"}
+        assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
 
 
 @pytest.mark.xdist_group("torchrun")
