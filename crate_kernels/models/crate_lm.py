@@ -200,7 +200,7 @@ class CRATEMLM(_CRATETextModel):
             draws = (torch.rand(T, generator=g, device=device), torch.rand(T, generator=g, device=device))
             return (*draws, torch.randint(self.mask_token_id, (T,), generator=g, device=device))
 
-        draw, split, random_ids = (torch.stack(d).to(idx.device) for d in zip(*map(row_draws, generators)))
+        draw, split, random_ids = (torch.stack(d).to(idx.device) for d in zip(*map(row_draws, generators), strict=True))
         picked = draw < mask_prob
         labels = idx.masked_fill(~picked, -100)
         # the picked ones by the second draw: [0, .8) mask, [.8, .9) random, [.9, 1) keep
