@@ -1,4 +1,7 @@
-"""STYLE.md's mirror rule: every op has its reference, kernels, ops, tests and benchmark files, named the same."""
+"""The mirror rule: every op has its reference, kernels, ops, tests and benchmark files, named the same.
+
+docs/design.md, 'Architecture'.
+"""
 
 from pathlib import Path
 
@@ -29,4 +32,4 @@ def test_every_op_has_its_file_set(op):
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_files_hold_only_triton(op):
     source = (ROOT / "crate_kernels" / "kernels" / f"{op}.py").read_text()
-    assert "import torch" not in source, f"kernels/{op}.py must import triton alone (STYLE.md)"
+    assert "import torch" not in source, f"kernels/{op}.py must import triton alone"

@@ -1,4 +1,6 @@
-"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops (DESIGN §1.2, §1.3).
+"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops.
+
+docs/design.md, 'The GEMM with epilogue'.
 
 ``C = relu?(alpha · op(A) · op(B) + R − threshold)`` where each operand may be *gated*: an element is replaced by 0
 where a gate tensor of the operand's shape is ≤ 0. The gate is the relu mask of a saved activation, applied as the
@@ -19,10 +21,11 @@ written through their two strides (a transposed operand is a view, a stride-0 ``
 offsets are int64 (B·N·m passes 2³¹ for long sequences). Every load and store is masked: M, N, K need not be
 multiples of the blocks, and blocks are ≥ 16 so that every ``tl.dot`` dimension is ≥ 16 (padding rows/columns read 0).
 
-Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16
-``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store.
-``UPCAST`` converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic, DESIGN §4).
-``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul precision).
+Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16 ``x +
+small`` would lose the small part: this is why the identity stays out of M), one cast at the store. ``UPCAST`` converts
+fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic: docs/design.md, 'The Triton
+interpreter'). ``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul
+precision).
 """
 
 import triton

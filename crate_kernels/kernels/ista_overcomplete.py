@@ -1,4 +1,4 @@
-"""Overcomplete ISTA (CRATE-α, crate-lm; DESIGN §1.3) runs on the ONE fused GEMM of ``kernels/ista.py``.
+"""Overcomplete ISTA (CRATE-α, crate-lm) runs on the ONE fused GEMM of ``kernels/ista.py``.
 
 ``C = relu?(alpha · op(A) · op(B) + R − threshold)`` with relu-mask gates on A, B and R covers every token product of
 the chain, so there is no second kernel to keep in step. Tokens are rows (T = B·N), D the width, m = 4D atoms:

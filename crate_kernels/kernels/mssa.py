@@ -1,4 +1,6 @@
-"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11, DESIGN §1.1).
+"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11).
+
+The math: docs/design.md, 'MSSA forward' and 'MSSA backward'.
 
 Forward (``_mssa_fwd_kernel``): program (m, b·H + h) owns query rows [m·BLOCK_M, (m+1)·BLOCK_M) of head (b, h). It
 loads its W rows once as queries, then streams key blocks of W: each W tile is loaded ONCE and used as key (scores)
@@ -17,10 +19,11 @@ band. Offsets that scale with B, H or N are int64 (pointer bases, running pointe
 
 Limits: P ≤ 128 (one padded tile of P_PAD = next power of two ≥ 16 columns); fp32 / fp16 / bf16 inputs. ``UPCAST``
 converts loaded tiles to fp32 and rounds bf16 stores to nearest: the interpreter has no bf16 arithmetic and its bf16
-cast truncates (DESIGN §4). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or "tf32" for fp32 inputs, following
-``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the probabilities cast to the input
-dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no additive float mask); dW uses
-Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic, rounded differently.
+cast truncates (docs/design.md, 'The Triton interpreter'). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or
+"tf32" for fp32 inputs, following ``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the
+probabilities cast to the input dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no
+additive float mask); dW uses Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic,
+rounded differently.
 """
 
 import triton

@@ -1,4 +1,6 @@
-"""Square ISTA: ``relu(x + η(x D − x Dᵀ D) − ηλ)`` (paper eq. 15; upstream ``FeedForward``; DESIGN.md §1.2).
+"""Square ISTA: ``relu(x + η(x D − x Dᵀ D) − ηλ)`` (paper eq. 15; upstream ``FeedForward``).
+
+docs/design.md, 'ISTA forward' and 'ISTA backward'.
 
 The identity this library is built on: the three upstream matmuls are ONE token GEMM with
 ``M = η(D − DᵀD)`` (D×D, built once per call): ``out = relu(x + x·M − ηλ)``. The identity stays out of M and x is
@@ -101,7 +103,7 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             R_GATED=isinstance(residual, Gated),
             RELU=relu,
-            # The interpreter has no bf16 arithmetic (DESIGN §4) and multiplies fp16 slowly: compute on fp32 tiles.
+            # The interpreter has no bf16 arithmetic and multiplies fp16 slowly: compute on fp32 tiles.
             UPCAST=backend.interpreting() and a_t.dtype != torch.float32,
             DOT_PRECISION="tf32" if tf32 else "ieee",
         )  # fmt: skip

@@ -1,4 +1,6 @@
-"""Overcomplete ISTA: two ISTA steps from zero on a (D, m) dictionary, then synthesis (DESIGN.md §1.3).
+"""Overcomplete ISTA: two ISTA steps from zero on a (D, m) dictionary, then synthesis.
+
+docs/design.md, 'Overcomplete ISTA' and 'Overcomplete ISTA backward'.
 
 ``a₁ = relu(η·xD − ηλ)``, ``a₂ = relu(a₁ + η(x − a₁Dᵀ)D − ηλ)``, ``out = a₂·D_outᵀ (+ residual)``.
 CRATE-α decouples ``D_out = D1`` and adds the block input; crate-lm shares ``D_out = D`` with no residual.

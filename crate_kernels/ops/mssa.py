@@ -1,8 +1,8 @@
 """MSSA core: ``softmax(scale · w wᵀ) w`` per head, with w the ONE projection used as query, key and value.
 
-Paper eq. 11; DESIGN.md §1.1. Reads top to bottom: argument checks and kernel limits, the launchers of the Triton
-kernels (``crate_kernels/kernels/mssa.py``), the custom ops with their autograd, the plain-PyTorch path, and the
-public function that dispatches between the two.
+Paper eq. 11; docs/design.md, 'MSSA forward' and 'MSSA backward'. Reads top to bottom: argument checks and kernel
+limits, the launchers of the Triton kernels (``crate_kernels/kernels/mssa.py``), the custom ops with their autograd, the
+plain-PyTorch path, and the public function that dispatches between the two.
 
 Differences from ``reference/``: the kernels take bool masks only (an additive float mask goes to the PyTorch path),
 P ≤ 128, fp32 / fp16 / bf16. fp32 dots run in IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32
@@ -94,7 +94,7 @@ def _launch_args(w: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch
     meta = {
         "P_PAD": max(16, triton.next_power_of_2(P)),  # every tl.dot dimension must be >= 16
         "HAS_MASK": mask is not None,
-        # The interpreter has no bf16 arithmetic (DESIGN §4): compute on fp32 copies of the loaded tiles.
+        # The interpreter has no bf16 arithmetic: compute on fp32 copies of the loaded tiles.
         "UPCAST": backend.interpreting() and w.dtype == torch.bfloat16,
         "DOT_PRECISION": "tf32" if tf32 else "ieee",
     }
