@@ -27,7 +27,8 @@ from benchmarks.shapes import (
     op_shapes,
     providers,
 )
-from crate_kernels.ops.ista import gemm_epilogue, ista_dictionary_operator
+from crate_kernels.ops.gemm import gemm_epilogue
+from crate_kernels.ops.ista import ista_dictionary_operator
 from reference.ista import ista_ref
 
 STEP_SIZE, LAMBD = 0.1, 0.1
