@@ -31,3 +31,20 @@ def check_same(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+
+
+def check_dictionary(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """A dictionary ``t`` on x's device with x's dtype, or a 16-bit dtype for a float32 ``x``: the products then run
+    in it while x keeps fp32 (the ISTA ops' autocast rule)."""
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    mixed = x.dtype == torch.float32 and t.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != x.dtype and not mixed:
+        also = " or, for float32 x, float16 / bfloat16" if x.dtype == torch.float32 else ""
+        raise TypeError(f"{name} must have the dtype of x ({x.dtype}){also}, got {t.dtype}")
+
+
+def check_positive(name: str, size: int, t: torch.Tensor, meaning: str) -> None:
+    """A width the ops divide by or reduce over must not be 0."""
+    if size < 1:
+        raise ValueError(f"{name} must be at least 1 ({meaning}), got shape {tuple(t.shape)}")

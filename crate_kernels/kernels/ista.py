@@ -32,17 +32,21 @@ written through their two strides (a transposed operand is a view, a stride-0 ``
 offsets are int64 (B·N·m passes 2³¹ for long sequences). Every load and store is masked: M, N, K need not be
 multiples of the blocks, and blocks are ≥ 16 so that every ``tl.dot`` dimension is ≥ 16 (padding rows/columns read 0).
 
-Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16,
-``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store. ``UPCAST``
-converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic: docs/design.md, 'The
-Triton interpreter'). ``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32
-matmul precision).
+Numerics: the dot runs in ``DOT_DTYPE`` (the dictionary's dtype): an operand loaded in another dtype (an fp32
+activation under autocast, whose dictionary is bf16) is rounded to it in registers, so the tensor cores see what
+upstream's autocast GEMM sees while the residual keeps fp32. fp32 accumulation, alpha / threshold cast to fp32 in the
+kernel, the residual added in fp32 (in bf16, ``x + small`` would lose the small part: this is why the identity stays
+out of M), one cast at the store. ``UPCAST`` (interpreting a 16-bit dot) holds the tiles in fp32, rounded to
+``DOT_DTYPE`` as a GPU rounds, and rounds bf16 stores to nearest even (the interpreter has no bf16 arithmetic and
+truncates: docs/design.md, 'The Triton interpreter'). ``DOT_PRECISION`` is "ieee" or "tf32" for fp32 dots (the
+launcher follows torch's fp32 matmul precision).
 """
 
 import triton
 import triton.language as tl
 
 from crate_kernels.kernels.configs import gemm_configs, prune_gemm_configs, quick_bench
+from crate_kernels.kernels.rounding import to_dtype
 
 
 @triton.jit
@@ -52,6 +56,15 @@ def _gate(tile, gate_ptrs, mask, UPCAST: tl.constexpr):
     if UPCAST:
         gate = gate.to(tl.float32)
     return tl.where(gate <= 0, 0.0, tile).to(tile.dtype)
+
+
+@triton.jit
+def _dot_operand(tile, DOT_DTYPE: tl.constexpr, UPCAST: tl.constexpr):
+    """``tile`` as an operand of a ``DOT_DTYPE`` dot; under UPCAST (an fp32 tile, interpreting) its values rounded to
+    ``DOT_DTYPE`` and held in fp32."""
+    if UPCAST:
+        return to_dtype(tile, DOT_DTYPE, EMULATE=True).to(tl.float32)
+    return tile.to(DOT_DTYPE)
 
 
 @triton.autotune(
@@ -98,6 +111,7 @@ def _ista_gemm_kernel(
     HAS_RESIDUAL: tl.constexpr,
     R_GATED: tl.constexpr,
     RELU: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # of the dot's operands: the dictionary's dtype
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -146,6 +160,7 @@ def _ista_gemm_kernel(
         if B_GATED:
             b = _gate(b, bg_ptrs, mask_b, UPCAST=UPCAST)
             bg_ptrs += BLOCK_K * stride_bgk
+        a, b = _dot_operand(a, DOT_DTYPE, UPCAST=UPCAST), _dot_operand(b, DOT_DTYPE, UPCAST=UPCAST)
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
@@ -164,4 +179,4 @@ def _ista_gemm_kernel(
     if RELU:
         acc = tl.where(acc < 0, 0.0, acc)  # not maximum(acc, 0): NaN must propagate as in torch.relu
     c_ptrs = c_ptr + pid_s.to(tl.int64) * stride_cs + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(c_ptrs, to_dtype(acc, c_ptr.dtype.element_ty, EMULATE=UPCAST), mask=mask_c)

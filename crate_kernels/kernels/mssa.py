@@ -30,22 +30,12 @@ import triton
 import triton.language as tl
 
 from crate_kernels.kernels.configs import attention_configs, prune_attention_configs
+from crate_kernels.kernels.rounding import to_dtype
 
 LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes are not specialised (N = 1, N % 16): one compiled kernel serves every N; strides keep their specialisation
 # (stride 1 and 16-divisibility decide vectorised loads).
 _SIZES = ["H", "N", "P"]
-
-
-@triton.jit
-def _to_store_dtype(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
-    """fp32 ``x`` cast for a store. Under UPCAST (the interpreter, bf16) the cast would truncate: round to nearest
-    even on the bits first, as a GPU store does; the backward's Δ = rowsum(dO ∘ O) is sensitive to a biased O."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit
@@ -189,7 +179,7 @@ def _mssa_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     out_ptrs = Out + b * stride_ob + h * stride_oh + rows * stride_on + offs_p[None, :] * stride_op
-    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)
+    tl.store(out_ptrs, to_dtype(acc, Out.dtype.element_ty, EMULATE=UPCAST), mask=tile_mask)
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -426,4 +416,4 @@ def _mssa_bwd_kernel(
             HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     dw_ptrs = dW + b * stride_gb + h * stride_gh + rows * stride_gn + offs_p[None, :] * stride_gp
-    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)
+    tl.store(dw_ptrs, to_dtype(acc, dW.dtype.element_ty, EMULATE=UPCAST), mask=tile_mask)

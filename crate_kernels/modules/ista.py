@@ -16,17 +16,6 @@ from crate_kernels.ops.ista import ista
 from crate_kernels.ops.ista_overcomplete import ista_overcomplete
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """Autocast's dtype on x's device inside an autocast region, else None. Autocast does not reach the custom ops,
-    so the modules cast for them, as upstream's F.linear / einsum would be cast."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-def _cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-    return tensors if dtype is None else tuple(None if t is None else t.to(dtype) for t in tensors)
-
-
 def _kaiming_parameter(*shape: int) -> nn.Parameter:
     """Upstream's init: ``kaiming_uniform_`` (a = 0), U(±√(6 / shape[1]))."""
     weight = torch.empty(*shape)
@@ -51,9 +40,9 @@ class ISTA(nn.Module):
         self.lambd = lambd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (..., D) → (..., D), non-negative; in autocast's dtype inside an autocast region."""
-        x, weight = _cast(_autocast_dtype(x), x, self.weight)
-        return ista(x, weight, step_size=self.step_size, lambd=self.lambd)
+        """x: (..., D) → (..., D), non-negative, x's dtype (under autocast too: the dictionary goes to the autocast
+        dtype, a float32 x stays float32, as upstream's ``relu(x + update)``)."""
+        return ista(x, self.weight, step_size=self.step_size, lambd=self.lambd)
 
     def extra_repr(self) -> str:
         return f"dim={self.weight.shape[0]}, step_size={self.step_size}, lambd={self.lambd}, backend={get_backend()!r}"
@@ -92,13 +81,11 @@ class OvercompleteISTA(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: (..., D); residual: (..., D) added to the output (CRATE-α passes the block input). Returns (..., D).
 
-        Inside an autocast region the code runs in autocast's dtype and the residual is added outside the op, so the
-        residual stream keeps its precision (as upstream's ``ff(x) + x``).
+        Under autocast the products run in the autocast dtype and the residual is added in fp32, so the residual
+        stream keeps its precision (as upstream's ``ff(x) + x``); without a residual the output is in the autocast
+        dtype (as upstream crate-lm's ``a₂Dᵀ``).
         """
-        dtype = _autocast_dtype(x)
-        x, D, D_out = _cast(dtype, x, *self.dictionaries())
-        if dtype is not None and residual is not None:
-            return residual + ista_overcomplete(x, D, D_out, step_size=self.step_size, lambd=self.lambd)
+        D, D_out = self.dictionaries()
         return ista_overcomplete(x, D, D_out, step_size=self.step_size, lambd=self.lambd, residual=residual)
 
     def extra_repr(self) -> str:

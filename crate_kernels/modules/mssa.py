@@ -38,6 +38,9 @@ class MSSA(nn.Module):
         project_out: bool | None = None,
     ):
         super().__init__()
+        for name, size in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"MSSA: {name} must be a positive int, got {size!r}")
         inner_dim = dim_head * heads
         project_out = not (heads == 1 and dim_head == dim) if project_out is None else project_out
         self.heads = heads

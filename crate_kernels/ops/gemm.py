@@ -4,12 +4,18 @@
 split-K reduction over the tokens that gives the weight gradients. Operands may be ``Gated`` (a relu mask applied as
 the kernel loads them) and are read through their strides. The kernel is ``_ista_gemm_kernel``
 (``crate_kernels/kernels/ista.py``).
+
+Dtypes: each product runs in the dictionary's dtype (the dot dtype); an activation in another dtype (fp32 under
+autocast) is rounded to it as its tiles are loaded, and the epilogue adds its residual in fp32 before the one cast at
+the store. So an fp32 ``x`` meets a bf16 dictionary the way upstream's autocast GEMMs meet it, and the residual stream
+stays fp32.
 """
 
 from typing import NamedTuple
 
 import torch
 import triton
+import triton.language as tl
 
 from crate_kernels.kernels.ista import _ista_gemm_kernel
 from crate_kernels.ops.launch import dot_precision, interpreter_upcast, on_device
@@ -23,6 +29,7 @@ class Gated(NamedTuple):
 
 
 Operand = torch.Tensor | Gated
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def as_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -52,6 +59,7 @@ def _launch(
     a: Operand,
     b: Operand,
     c: torch.Tensor,
+    dot_dtype: torch.dtype,
     *,
     splits: int = 1,
     alpha: float = 1.0,
@@ -59,7 +67,8 @@ def _launch(
     threshold: float = 0.0,
     relu: bool = False,
 ) -> None:
-    """``c = relu?(alpha · a·b + residual − threshold)``; c is (M, N), or (splits, M, N) partial products."""
+    """``c = relu?(alpha · a·b + residual − threshold)`` with the product in ``dot_dtype``; c is (M, N), or
+    (splits, M, N) partial products."""
     a_t, a_gate, a_strides, a_gate_strides = _parts(a, c)
     b_t, b_gate, b_strides, b_gate_strides = _parts(b, c)
     r_t, r_gate, r_strides, r_gate_strides = _parts(residual, c)
@@ -78,7 +87,8 @@ def _launch(
             HAS_RESIDUAL=residual is not None,
             R_GATED=isinstance(residual, Gated),
             RELU=relu,
-            UPCAST=interpreter_upcast(a_t, (torch.float16, torch.bfloat16)),
+            DOT_DTYPE=_TL_DTYPES[dot_dtype],
+            UPCAST=interpreter_upcast(dot_dtype, (torch.float16, torch.bfloat16)),
             DOT_PRECISION=dot_precision(a_t),
         )  # fmt: skip
 
@@ -91,22 +101,25 @@ def gemm_epilogue(
     residual: Operand | None = None,
     threshold: float = 0.0,
     relu: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """One token GEMM with its epilogue fused: ``relu?(alpha · a·b + residual − threshold)``, fp32 inside.
 
     Args:
-        a: (M, K), or ``Gated`` (M, K) pair; any strides (a transposed view is read as is).
-        b: (K, N), or ``Gated``, same dtype as a (fp32, fp16 or bf16).
+        a: (M, K), or ``Gated`` (M, K) pair; any strides (a transposed view is read as is); b's dtype, or fp32 (its
+            tiles are then rounded to b's dtype for the dot).
+        b: (K, N), or ``Gated``: the dictionary side, whose dtype (fp32, fp16 or bf16) the product runs in.
         residual: (M, N) (or ``Gated``) added in fp32 before the threshold.
+        out_dtype: of the result; b's dtype when None.
 
     Returns:
-        (M, N) contiguous, a's dtype. No launch when empty.
+        (M, N) contiguous. No launch when empty.
     """
     a_t = a.tensor if isinstance(a, Gated) else a
     b_t = b.tensor if isinstance(b, Gated) else b
-    c = a_t.new_empty(a_t.shape[0], b_t.shape[1])
+    c = a_t.new_empty(a_t.shape[0], b_t.shape[1], dtype=out_dtype or b_t.dtype)
     if c.numel():
-        _launch(a, b, c, alpha=alpha, residual=residual, threshold=threshold, relu=relu)
+        _launch(a, b, c, b_t.dtype, alpha=alpha, residual=residual, threshold=threshold, relu=relu)
     return c
 
 
@@ -124,12 +137,13 @@ def _num_splits(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(K, min_k), triton.cdiv(target, tiles)))
 
 
-def gemm_token_sum(products: list[tuple[torch.Tensor, Operand, float]]) -> torch.Tensor:
+def gemm_token_sum(products: list[tuple[torch.Tensor, Operand, float]], dot_dtype: torch.dtype) -> torch.Tensor:
     """``Σ alpha · aᵀ·b`` over all tokens, split-K with a deterministic reduction: the weight gradients.
 
     Each product is ``(a (T, M), b (T, N) or Gated, alpha)``; a is passed token-major and read transposed through
-    its strides. Every product writes its slices of ONE fp32 buffer of partial products, summed once in a fixed
-    order (no atomics, so two runs are bitwise equal).
+    its strides. The products run in ``dot_dtype`` (the dictionary's: activations in another dtype are rounded to
+    it as they are loaded). Every product writes its slices of ONE fp32 buffer of partial products, summed once in a
+    fixed order (no atomics, so two runs are bitwise equal).
 
     Returns:
         (M, N) fp32.
@@ -142,5 +156,5 @@ def gemm_token_sum(products: list[tuple[torch.Tensor, Operand, float]]) -> torch
     if T == 0:
         return partials.new_zeros(M, N)
     for i, (a, b, alpha) in enumerate(products):
-        _launch(a.t(), b, partials[i * splits : (i + 1) * splits], splits=splits, alpha=alpha)
+        _launch(a.t(), b, partials[i * splits : (i + 1) * splits], dot_dtype, splits=splits, alpha=alpha)
     return partials.sum(0)

@@ -4,11 +4,17 @@ docs/design.md, 'Overcomplete ISTA' and 'Overcomplete ISTA backward'.
 
 ``a₁ = relu(η·xD − ηλ)``, ``a₂ = relu(a₁ + η(x − a₁Dᵀ)D − ηλ)``, ``out = a₂·D_outᵀ (+ residual)``.
 CRATE-α decouples ``D_out = D1`` and adds the block input; crate-lm shares ``D_out = D`` with no residual.
-Four thin GEMMs: ``xD`` is computed once and reused by step 2; DᵀD (m×m, m = 4D) is never formed.
+Four thin GEMMs; DᵀD (m×m, m = 4D) is never formed.
 
-The kernels (``ops/gemm.py``) reuse xD in the exact form ``η·xD − η(a₁Dᵀ)D = η(x − a₁Dᵀ)D``: step 1's
-GEMM emits a₁, the second GEMM emits ``r = x − a₁Dᵀ`` with x added in its epilogue, the third ``relu(a₁ + η·rD − ηλ)``.
-Same four GEMMs, no (T, m) xD buffer written and re-read, and the rounding of upstream's ``(a₁Dᵀ − x)D``.
+Step 2's ``η·xD − η(a₁Dᵀ)D`` is taken in the exact form ``η(x − a₁Dᵀ)D``: step 1's GEMM emits a₁, the second
+``r = x − a₁Dᵀ`` (on the kernels, x added in its epilogue), the third ``relu(a₁ + η·rD − ηλ)``. No (T, m) xD buffer
+is written and re-read, and r has the rounding of upstream's ``(a₁Dᵀ − x)``; the kernels (``ops/gemm.py``) and the
+PyTorch path compute the same four products.
+
+Dtypes: the products run in the dictionaries' dtype and a₁, r, a₂ are stored in it; a float32 x (or residual) is
+added in fp32. Under autocast (``ops/autocast.py``) the dictionaries go to the autocast dtype and a float32 x stays
+float32, so the output is bf16 without a residual (upstream crate-lm's ``a₂Dᵀ``) and float32 with an fp32 residual
+(upstream CRATE-α's ``ff(x) + x``).
 """
 
 from typing import NamedTuple
@@ -17,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from crate_kernels import backend
-from crate_kernels._checks import check_same, check_shape, check_tensor
+from crate_kernels._checks import check_dictionary, check_positive, check_same, check_shape, check_tensor
+from crate_kernels.ops import autocast
 from crate_kernels.ops.gemm import Gated, as_tokens, gemm_epilogue, gemm_token_sum
 from crate_kernels.ops.launch import dtype_limits, require_kernel
 
@@ -31,15 +38,29 @@ def _check_ista_overcomplete_args(
         raise ValueError(
             f"D must have shape (D, m) with D = x.shape[-1], got D {tuple(D.shape)} for x {tuple(x.shape)}"
         )
-    check_same("D", D, "x", x)
+    check_positive("x's width D", D.shape[0], x, "its last dimension")
+    check_positive("D's number of atoms m", D.shape[1], D, "D has shape (D, m)")
+    check_dictionary("D", D, x)
     if D_out is not None:
         check_tensor("D_out", D_out, ndim=2)
         check_shape("D_out", D_out, tuple(D.shape), "the synthesis dictionary, shaped like D")
-        check_same("D_out", D_out, "x", x)
+        check_same("D_out", D_out, "D", D)
     if residual is not None:
         check_tensor("residual", residual)
         check_shape("residual", residual, tuple(x.shape), "added to the output, shaped like x")
         check_same("residual", residual, "x", x)
+
+
+def _ista_overcomplete_autocast(args: tuple, dtype: torch.dtype) -> tuple:
+    """The ISTA autocast rule on ``(x, D, D_out, residual, ...)``: the dictionaries to ``dtype``, a float32 x kept,
+    the residual as it is (it is added in fp32)."""
+    x, D, D_out, *rest = args
+    return (autocast.gemm_activation(x, dtype), autocast.cast(D, dtype), autocast.cast(D_out, dtype), *rest)
+
+
+def _out_dtype(D: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """The synthesis ``a₂·D_outᵀ`` comes in the dictionaries' dtype; a residual added to it in fp32 keeps its own."""
+    return D.dtype if residual is None else residual.dtype
 
 
 # The kernels' limits, declared to the backend that dispatches ``ista_overcomplete`` (and to ``require_kernel``).
@@ -73,11 +94,13 @@ def ista_overcomplete_fwd(
 
     Args:
         x: (..., D), any strides; fp32 / fp16 / bf16.
-        D, D_out: (D, m), x's dtype, any strides (crate-lm's ``weight.T`` is read as is); may be the same tensor.
-        residual: (..., D) or None.
+        D, D_out: (D, m), x's dtype or, for an fp32 x, fp16 / bf16; any strides (crate-lm's ``weight.T`` is read as
+            is); may be the same tensor.
+        residual: (..., D) in x's dtype, or None.
 
     Returns:
-        ``IstaOvercompleteForward(out, r, a1, a2)``, contiguous, x's dtype.
+        ``IstaOvercompleteForward(out, r, a1, a2)``, contiguous: r, a1, a2 in D's dtype, out in D's dtype or, with a
+        residual, in the residual's.
     """
     _check_ista_overcomplete_args(x, D, D_out, residual)
     require_kernel("ista_overcomplete", x, D, D_out, residual)
@@ -85,7 +108,8 @@ def ista_overcomplete_fwd(
     a1 = gemm_epilogue(tokens, D, alpha=step_size, threshold=threshold, relu=True)
     r = gemm_epilogue(a1, D.t(), alpha=-1.0, residual=tokens)
     a2 = gemm_epilogue(r, D, alpha=step_size, residual=a1, threshold=threshold, relu=True)
-    out = gemm_epilogue(a2, D_out.t(), residual=None if residual is None else as_tokens(residual))
+    out_dtype = _out_dtype(D, residual)
+    out = gemm_epilogue(a2, D_out.t(), residual=None if residual is None else as_tokens(residual), out_dtype=out_dtype)
     m_shape = (*x.shape[:-1], D.shape[1])
     return IstaOvercompleteForward(out.view(x.shape), r.view(x.shape), a1.view(m_shape), a2.view(m_shape))
 
@@ -126,9 +150,9 @@ def ista_overcomplete_bwd(
     g2 = Gated(gemm_epilogue(dO, D_out), a2)
     dr = gemm_epilogue(g2, D.t(), alpha=step_size)
     g1 = Gated(gemm_epilogue(dr, D, alpha=-1.0, residual=g2), a1)
-    dx = gemm_epilogue(g1, D.t(), alpha=step_size, residual=dr)
-    dD = gemm_token_sum([(r, g2, step_size), (dr, a1, -1.0), (tokens, g1, step_size)])
-    dD_out = gemm_token_sum([(dO, a2, 1.0)])
+    dx = gemm_epilogue(g1, D.t(), alpha=step_size, residual=dr, out_dtype=x.dtype)
+    dD = gemm_token_sum([(r, g2, step_size), (dr, a1, -1.0), (tokens, g1, step_size)], D.dtype)
+    dD_out = gemm_token_sum([(dO, a2, 1.0)], D_out.dtype)
     return IstaOvercompleteGrads(dx.view(x.shape), dD.to(D.dtype), dD_out.to(D_out.dtype))
 
 
@@ -147,7 +171,8 @@ def _ista_overcomplete_fwd_op(
 @_ista_overcomplete_fwd_op.register_fake
 def _(x, D, D_out, residual, step_size, lambd):
     m_shape = (*x.shape[:-1], D.shape[1])
-    return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty(m_shape), x.new_empty(m_shape)
+    out = x.new_empty(x.shape, dtype=_out_dtype(D, residual))
+    return out, D.new_empty(x.shape), D.new_empty(m_shape), D.new_empty(m_shape)
 
 
 @torch.library.custom_op("crate_kernels::ista_overcomplete_bwd", mutates_args=())
@@ -183,6 +208,7 @@ def _ista_overcomplete_backward(ctx, grad_out: torch.Tensor, *_saved_activation_
 
 
 _ista_overcomplete_fwd_op.register_autograd(_ista_overcomplete_backward, setup_context=_ista_overcomplete_setup_context)
+autocast.register("ista_overcomplete_fwd", _ista_overcomplete_fwd_op, _ista_overcomplete_autocast)
 
 
 def _ista_overcomplete_torch(
@@ -193,14 +219,13 @@ def _ista_overcomplete_torch(
     lambd: float,
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The PyTorch path: four GEMMs, xD reused, residual fused into the last one."""
+    """The PyTorch path: the kernels' four products in D's dtype (r = x − a₁Dᵀ in x's), autograd for the backward."""
     tokens = as_tokens(x)
-    xD = tokens @ D
-    a1 = F.relu(step_size * xD - step_size * lambd)
-    a2 = F.relu(a1 + step_size * (xD - (a1 @ D.t()) @ D) - step_size * lambd)
-    if residual is None:
-        return (a2 @ D_out.t()).view(x.shape)
-    return torch.addmm(as_tokens(residual), a2, D_out.t()).view(x.shape)
+    a1 = F.relu(step_size * (tokens.to(D.dtype) @ D) - step_size * lambd)
+    r = tokens - a1 @ D.t()
+    a2 = F.relu(a1 + step_size * (r.to(D.dtype) @ D) - step_size * lambd)
+    out = a2 @ D_out.t()
+    return (out if residual is None else as_tokens(residual) + out).view(x.shape)
 
 
 def ista_overcomplete(
@@ -219,10 +244,14 @@ def ista_overcomplete(
         D: (D, m) analysis dictionary (CRATE-α's ``D``; crate-lm's ``weight.T``).
         D_out: (D, m) synthesis dictionary (CRATE-α's ``D1``); ``D`` when None.
         step_size: η. lambd: λ.
-        residual: (..., D) added to the output (CRATE-α: the block input ``z_half``).
+        residual: (..., D) added to the output (CRATE-α: the block input ``z_half``), x's dtype.
 
     Returns:
-        (..., D).
+        (..., D) in the dictionaries' dtype, or the residual's when one is given.
+
+    The dictionaries may be fp16 / bf16 for an fp32 x: the products run in them, x and the residual are added in
+    fp32. Under autocast the dictionaries go to the autocast dtype that way and a float32 x stays float32, as in
+    upstream's sequence.
 
     Equivalent PyTorch::
 
@@ -230,9 +259,11 @@ def ista_overcomplete(
         a2 = F.relu(a1 + step_size * (x - a1 @ D.T) @ D - step_size * lambd)
         out = a2 @ (D if D_out is None else D_out).T + (0 if residual is None else residual)
     """
-    _check_ista_overcomplete_args(x, D, D_out, residual)
     D_out = D if D_out is None else D_out
-    if backend.use_triton("ista_overcomplete", x, D, D_out, residual):
-        # crate-lm's shared dictionary enters twice: autograd adds dD and dD_out into the one gradient.
-        return _ista_overcomplete_fwd_op(x, D, D_out, residual, float(step_size), float(lambd))[0]
-    return _ista_overcomplete_torch(x, D, D_out, float(step_size), float(lambd), residual)
+    x, D, D_out = autocast.apply(_ista_overcomplete_autocast, (x, D, D_out), x)
+    _check_ista_overcomplete_args(x, D, D_out, residual)
+    with autocast.disabled(x):
+        if backend.use_triton("ista_overcomplete", x, D, D_out, residual):
+            # crate-lm's shared dictionary enters twice: autograd adds dD and dD_out into the one gradient.
+            return _ista_overcomplete_fwd_op(x, D, D_out, residual, float(step_size), float(lambd))[0]
+        return _ista_overcomplete_torch(x, D, D_out, float(step_size), float(lambd), residual)

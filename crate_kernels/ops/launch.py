@@ -42,7 +42,9 @@ def dot_precision(t: torch.Tensor) -> str:
     return "tf32" if tf32 else "ieee"
 
 
-def interpreter_upcast(t: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
-    """``UPCAST``: compute on fp32 copies of loaded tiles of these dtypes when interpreting. The interpreter has no
-    bf16 arithmetic (docs/design.md, 'The Triton interpreter'); a launcher may add fp16, which it multiplies slowly."""
-    return backend.interpreting() and t.dtype in dtypes
+def interpreter_upcast(t: torch.Tensor | torch.dtype, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> bool:
+    """``UPCAST``: compute on fp32 copies of loaded tiles when interpreting and ``t`` (a tensor, or the dtype of the
+    dot) has one of these dtypes. The interpreter has no bf16 arithmetic (docs/design.md, 'The Triton interpreter');
+    a launcher may add fp16, which it multiplies slowly."""
+    dtype = t if isinstance(t, torch.dtype) else t.dtype
+    return backend.interpreting() and dtype in dtypes

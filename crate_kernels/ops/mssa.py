@@ -16,8 +16,9 @@ import torch.nn.functional as F
 import triton
 
 from crate_kernels import backend
-from crate_kernels._checks import check_same, check_shape, check_tensor
+from crate_kernels._checks import check_positive, check_same, check_shape, check_tensor
 from crate_kernels.kernels.mssa import _mssa_bwd_delta_kernel, _mssa_bwd_kernel, _mssa_fwd_kernel
+from crate_kernels.ops import autocast
 from crate_kernels.ops.launch import dot_precision, dtype_limits, interpreter_upcast, on_device, require_kernel
 
 MAX_P = 128  # one padded tile of head columns
@@ -27,6 +28,7 @@ _DELTA_BLOCK_M = 64
 
 def _check_mssa_args(w: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
     check_tensor("w", w, ndim=4)
+    check_positive("w's head width P", w.shape[-1], w, "its last dimension; the default scale is P^-½")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if attn_mask is None:
@@ -223,6 +225,16 @@ def _mssa_backward(ctx, grad_out: torch.Tensor, _grad_lse: None) -> tuple:
 _mssa_fwd_op.register_autograd(_mssa_backward, setup_context=_mssa_setup_context)
 
 
+def _mssa_autocast(args: tuple, dtype: torch.dtype) -> tuple:
+    """The MSSA autocast rule on ``(w, attn_mask, ...)``: w and a float mask to ``dtype``, as autocast casts SDPA's
+    inputs."""
+    w, attn_mask, *rest = args
+    return (autocast.cast(w, dtype), autocast.cast(attn_mask, dtype), *rest)
+
+
+autocast.register("mssa_fwd", _mssa_fwd_op, _mssa_autocast)
+
+
 def _sdpa_mask(attn_mask: torch.Tensor | None, N: int, is_causal: bool, device: torch.device) -> torch.Tensor | None:
     """One mask in SDPA's form: a (B, N) key-padding mask becomes (B, 1, 1, N); causality joins a given mask."""
     attn_mask = _broadcastable_mask(attn_mask, N)
@@ -256,7 +268,8 @@ def mssa(
 
     Returns:
         (B, H, N, P); rows whose keys are all masked are zero (as SDPA). From the Triton kernels it is a view of
-        (B, N, H, P) storage, so ``out.transpose(1, 2).reshape(B, N, H * P)`` merges heads without a copy.
+        (B, N, H, P) storage, so ``out.transpose(1, 2).reshape(B, N, H * P)`` merges heads without a copy. Under
+        autocast w and a float mask go to the autocast dtype, as SDPA's inputs do.
 
     The fused kernels serve it when the backend allows (``crate_kernels.set_backend``) and ``_mssa_kernel_limits``
     has no objection; their dw is deterministic (no atomics). Otherwise the PyTorch path below.
@@ -265,8 +278,10 @@ def mssa(
 
         F.scaled_dot_product_attention(w, w, w, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     """
+    w, attn_mask = autocast.apply(_mssa_autocast, (w, attn_mask), w)
     _check_mssa_args(w, attn_mask, is_causal)
     scale = w.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend.use_triton("mssa", w, attn_mask, is_causal):
-        return _mssa_fwd_op(w, attn_mask, scale, is_causal)[0]
-    return _mssa_torch(w, scale, attn_mask, is_causal)
+    with autocast.disabled(w):
+        if backend.use_triton("mssa", w, attn_mask, is_causal):
+            return _mssa_fwd_op(w, attn_mask, scale, is_causal)[0]
+        return _mssa_torch(w, scale, attn_mask, is_causal)

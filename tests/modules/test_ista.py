@@ -93,14 +93,16 @@ def test_ista_repr_names_backend():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_modules_follow_autocast(backend):
-    """Inside autocast the modules run in autocast's dtype, as upstream's F.linear would; CRATE-α's residual is added
-    outside the op, so the residual stream keeps fp32."""
+    """Inside autocast the modules' products run in autocast's dtype, as upstream's F.linear would, and the outputs
+    have upstream's dtypes: fp32 where an fp32 x or residual is added (``relu(x + update)``, CRATE-α's
+    ``ff(x) + x``)."""
     crate_kernels.set_backend(backend)
     ista_module, ref = _ista_pair()
     over, over_ref = _overcomplete_pair()
     x, z = torch.randn(2, 9, 32, generator=seeded(0)), torch.randn(2, 9, 16, generator=seeded(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, over_out = ista_module(x), over(z, residual=z)
-    assert out.dtype == torch.bfloat16 and over_out.dtype == torch.float32
+        assert out.dtype == ref(x).dtype == torch.float32
+        assert over_out.dtype == (over_ref(z) + z).dtype == torch.float32
     torch.testing.assert_close(out.double(), ref.double()(x.double()), atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(over_out.double(), over_ref.double()(z.double()) + z.double(), atol=2e-2, rtol=2e-2)

@@ -224,39 +224,59 @@ def test_ista_gradcheck_fp64_away_from_the_kink():
     [
         (torch.randn(2, 8), torch.randn(8, 9), ValueError, r"weight must have shape \(8, 8\)"),
         (torch.randn(2, 8), torch.randn(8), ValueError, "weight must have 2 dimensions"),
-        (torch.randn(2, 8), torch.randn(8, 8).half(), TypeError, "weight must have the dtype of x"),
+        (torch.randn(2, 8).half(), torch.randn(8, 8), TypeError, r"weight must have the dtype of x \(torch.float16\)"),
+        (torch.randn(2, 8), torch.randn(8, 8).double(), TypeError, "or, for float32 x, float16 / bfloat16"),
+        (torch.randn(2, 0), torch.randn(0, 0), ValueError, r"x's width D must be at least 1 .* got shape \(2, 0\)"),
         (torch.randn(2, 8).int(), torch.randn(8, 8), TypeError, "x must be float32"),
         ([1.0], torch.randn(8, 8), TypeError, "x must be a torch.Tensor"),
     ],
-    ids=["weight-shape", "weight-ndim", "dtype-mismatch", "int-x", "not-tensor"],
+    ids=["weight-shape", "weight-ndim", "dtype-mismatch", "fp64-weight", "zero-width", "int-x", "not-tensor"],
 )
 def test_ista_bad_input(x, weight, error, message):
     with pytest.raises(error, match=message):
         crate_kernels.ista(x, weight)
 
 
-def _compile_for_hopper(dtype: str) -> None:
-    """The shared GEMM at the variants the two ISTA ops launch, compiled to sm_90: each must use wgmma."""
+def _compile_for_hopper(dtype: str, activation: str | None = None) -> None:
+    """The shared GEMM at the variants the two ISTA ops launch, compiled to sm_90: each must use wgmma. ``dtype`` is
+    the dictionary's (the dot's); ``activation`` that of x, the gradients and the residual (fp32 under autocast:
+    their tiles are rounded to ``dtype`` in registers), ``dtype`` when None."""
+    import triton.language as tl
+
     from crate_kernels.kernels.ista import _ista_gemm_kernel
 
-    pointers = ("a_ptr", "a_gate_ptr", "b_ptr", "b_gate_ptr", "r_ptr", "r_gate_ptr")
+    act = activation or dtype
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
     tiles = {"UPCAST": False, "DOT_PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}
-    variants = {  # (gates and epilogue, output type)
-        "forward: relu(x·M + x − ηλ)": (dict(A_GATED=False, B_GATED=False, HAS_RESIDUAL=True, R_GATED=False), dtype),
-        "backward dx = g·Mᵀ + g": (dict(A_GATED=True, B_GATED=False, HAS_RESIDUAL=True, R_GATED=True), dtype),
-        "split-K xᵀ·g partials": (dict(A_GATED=False, B_GATED=True, HAS_RESIDUAL=False, R_GATED=False), "fp32"),
+    variants = {  # (gates and epilogue, pointer types: A, B, residual, output)
+        "forward: relu(x·M + x − ηλ)": (
+            dict(A_GATED=False, B_GATED=False, HAS_RESIDUAL=True, R_GATED=False),
+            (act, dtype, act, act),
+        ),
+        "backward dx = g·Mᵀ + g": (
+            dict(A_GATED=True, B_GATED=False, HAS_RESIDUAL=True, R_GATED=True),
+            (act, dtype, act, act),
+        ),
+        "split-K xᵀ·g partials": (
+            dict(A_GATED=False, B_GATED=True, HAS_RESIDUAL=False, R_GATED=False),
+            (act, act, act, "fp32"),
+        ),
     }
-    for name, (flags, out_dtype) in variants.items():
-        types = {p: f"*{dtype}" for p in pointers} | {"c_ptr": f"*{out_dtype}", "alpha": "fp32", "threshold": "fp32"}
-        ptx = compile_for_hopper(_ista_gemm_kernel, types, tiles | flags | {"RELU": name.startswith("forward")})
-        assert "wgmma" in ptx, f"{name} does not use Hopper's tensor cores"
+    for name, (flags, (a, b, r, c)) in variants.items():
+        types = {"a_ptr": a, "a_gate_ptr": a, "b_ptr": b, "b_gate_ptr": b, "r_ptr": r, "r_gate_ptr": r, "c_ptr": c}
+        types = {k: f"*{v}" for k, v in types.items()} | {"alpha": "fp32", "threshold": "fp32"}
+        constexprs = tiles | flags | {"RELU": name.startswith("forward"), "DOT_DTYPE": dot}
+        ptx = compile_for_hopper(_ista_gemm_kernel, types, constexprs)
+        assert "wgmma" in ptx, f"{name} ({a} · {b}) does not use Hopper's tensor cores"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
 def test_ista_kernel_compiles_for_hopper():
     """The interpreter never compiles: catch what only the compiler rejects (types, dot shapes) on CPU too."""
     pytest.importorskip("triton.backends.nvidia")
-    run_without_interpreter("from tests.ops.test_ista import _compile_for_hopper as c; c('bf16'); c('fp16')")
+    run_without_interpreter(
+        "from tests.ops.test_ista import _compile_for_hopper as c; c('bf16'); c('fp16'); c('bf16', 'fp32')"
+    )
 
 
 def test_ista_autotune_key_has_dot_precision():
@@ -290,10 +310,13 @@ def test_ista_prune_fp32_stages(monkeypatch):
 def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
     """Every GEMM config the prune keeps for a CRATE-B token GEMM, and the unpruned default config, compiled for
     sm_90 at each variant the ops launch, fits Hopper's shared memory."""
+    import triton.language as tl
+
     from crate_kernels.kernels.configs import default_gemm_config, gemm_configs, prune_gemm_configs
     from crate_kernels.kernels.ista import _ista_gemm_kernel
 
-    a = torch.empty(0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    a_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    a = torch.empty(0, dtype=getattr(torch, a_dtype))
     configs = [*prune_gemm_configs(gemm_configs(), {"M": 50432, "N": 768, "a_ptr": a}), default_gemm_config()]
     pointers = ("a_ptr", "a_gate_ptr", "b_ptr", "b_gate_ptr", "r_ptr", "r_gate_ptr")
     variants = {  # (gates and epilogue, output type)
@@ -303,7 +326,7 @@ def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
     }
     for name, (flags, out_dtype) in variants.items():
         types = {p: f"*{dtype}" for p in pointers} | {"c_ptr": f"*{out_dtype}", "alpha": "fp32", "threshold": "fp32"}
-        constexprs = flags | {"UPCAST": False, "DOT_PRECISION": precision}
+        constexprs = flags | {"UPCAST": False, "DOT_PRECISION": precision, "DOT_DTYPE": getattr(tl, a_dtype)}
         for config in configs:
             shared = hopper_shared_memory(_ista_gemm_kernel, types, constexprs, config)
             assert shared <= HOPPER_MAX_SHARED, f"{name}, {config}: {shared} B of shared memory"

@@ -211,10 +211,11 @@ def test_ista_overcomplete_gradcheck_fp64():
         ({"D": torch.randn(9, 32)}, ValueError, r"D must have shape \(D, m\)"),
         ({"D_out": torch.randn(8, 16)}, ValueError, r"D_out must have shape \(8, 32\)"),
         ({"residual": torch.randn(2, 9)}, ValueError, r"residual must have shape \(2, 8\)"),
-        ({"D": torch.randn(8, 32).half()}, TypeError, "D must have the dtype of x"),
+        ({"D": torch.randn(8, 32).double()}, TypeError, "D must have the dtype of x"),
+        ({"D_out": torch.randn(8, 32).half()}, TypeError, "D_out must have the dtype of D"),
         ({"D": torch.randn(8, 32, 1)}, ValueError, "D must have 2 dimensions"),
     ],
-    ids=["D-shape", "D_out-shape", "residual-shape", "dtype-mismatch", "D-ndim"],
+    ids=["D-shape", "D_out-shape", "residual-shape", "dtype-mismatch", "D_out-dtype", "D-ndim"],
 )
 def test_ista_overcomplete_bad_input(kwargs, error, message):
     args = {"x": torch.randn(2, 8), "D": torch.randn(8, 32), "D_out": None, "residual": None} | kwargs
