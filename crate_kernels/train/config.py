@@ -4,7 +4,8 @@ Every leaf field is a flag ``--section.field`` (``--optim.lr 1e-3``); top-level 
 underscores are interchangeable (``--max-steps`` = ``--max_steps``). Short aliases: ``--model`` (``--model.name``),
 ``--model-args`` (``--model.args``), ``--data`` (``--data.name``), ``--task`` (``--task.name``). Precedence:
 defaults < ``--config FILE`` < flags. Every value is type-checked against the field's annotation, so a typo or a
-wrong type fails before anything is built.
+wrong type fails before anything is built. A field's trailing comment is its documentation: ``--help`` shows it,
+with the allowed values of each choice (``CHOICES``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
+import inspect
+import io
 import json
+import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +39,19 @@ class ConfigError(ValueError):
     """A run that cannot start (bad flag, unknown model, missing data, batch that does not divide)."""
 
 
+def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
+    """``"; did you mean X?"`` naming the entries of ``known`` closest to ``word``, or ``""``."""
+    close = difflib.get_close_matches(word, list(known), n=3)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = ""  # a registry name (crate_kernels.list_models()); "" = the task's demo model
     args: str = ""  # constructor overrides "dim=64,depth=4"; values are Python literals
-    backend: str = "auto"  # crate_kernels.set_backend: auto | triton | torch
+    backend: str = "auto"  # crate_kernels.set_backend: auto = Triton kernels where they run, else PyTorch
     compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
 
 
 @dataclass(frozen=True)
@@ -54,12 +66,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion
-    lr: float = 5e-3
+    name: str = "adamw"  # the optimizer
+    lr: float = 5e-3  # peak learning rate (Lion wants 3-10x less than AdamW)
     min_lr: float = 3e-5  # cosine floor
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 40
+    weight_decay: float = 0.05  # decoupled, on matrices only (not norms, biases, embeddings)
+    betas: tuple[float, float] = (0.9, 0.999)  # moment decay rates "b1,b2"
+    warmup_steps: int = 40  # linear warm-up from 0 to lr, then the cosine
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     batch_size: int = 64  # GLOBAL batch per optimizer step, whatever the world size
     grad_accum: int = 1  # micro-batches per step on each rank
@@ -67,31 +79,32 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "classify"  # classify | mae | lm | mlm
-    label_smoothing: float = 0.1
+    name: str = "classify"  # the objective: image classes, masked image completion, character LM or masked LM
+    label_smoothing: float = 0.1  # classification targets: 1 - s on the class, s spread over all
     mixup: float = 0.0  # Beta(a, a) mixup for classification; 0 = off
-    mask_ratio: float = 0.75  # MAE
+    mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str = "runs/default"
+    out: str = "runs/default"  # the run folder: config, metrics, checkpoints, plots; an existing run resumes
     steps: int = 800  # the schedule's total length
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
-    parallel: str = "none"  # none | ddp | fsdp2 (under torchrun)
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    parallel: str = "none"  # one process, or under torchrun: DDP (replicas) or FSDP2 (sharded, ZeRO-3)
+    device: str = "auto"  # auto = cuda when present
     cpu_threads: int = 1  # torch threads when training on CPU: small models run fastest on one; 0 = torch's default
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    ckpt_every: int = 200
+    precision: str = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 0  # initial weights, data order, augmentations, dropout
+    log_every: int = 10  # steps between metrics records
+    eval_every: int = 200  # steps between held-out evaluations
+    ckpt_every: int = 200  # steps between checkpoints (Ctrl-C or SIGTERM also saves one)
     keep_last: int = 2  # checkpoints kept
     export: bool = True  # write model.safetensors at the end
     tensorboard: bool = True  # also log to TensorBoard when it is importable
     progress: bool = True  # tqdm bar on rank 0
+    allow_config_change: bool = False  # resume a run with a changed config (recorded in config_history.jsonl)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -99,8 +112,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults ("" model or data) and check every choice; raises ValueError."""
-        if self.task.name not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task.name!r}")
+        _check_choice("task.name", self.task.name)
         model_name, data_name = TASK_DEFAULTS[self.task.name]
         cfg = dataclasses.replace(
             self,
@@ -111,16 +123,9 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        choices = {
-            "--parallel": (self.parallel, PARALLEL),
-            "--device": (self.device, ("auto", "cpu", "cuda")),
-            "--precision": (self.precision, ("auto", "fp32", "bf16", "fp16")),
-            "--optim.name": (self.optim.name, ("adamw", "lion")),
-            "--model.backend": (self.model.backend, ("auto", "triton", "torch")),
-        }
-        for flag, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
+        values = flatten(self.to_dict())
+        for key in CHOICES:
+            _check_choice(key, values[key])
         positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
         positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
         positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
@@ -147,6 +152,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The allowed values of each choice field: ``check`` enforces them, ``--help`` lists them.
+CHOICES = {
+    "parallel": PARALLEL,
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.backend": ("auto", "triton", "torch"),
+    "optim.name": ("adamw", "lion"),
+    "task.name": TASKS,
+}
+
+
+def _check_choice(key: str, value: str) -> None:
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ValueError(
+            f"{flag(key)} must be one of {', '.join(allowed)}; got {value!r}{did_you_mean(value, allowed)}"
+        )
 
 
 def parse_model_args(text: str) -> dict[str, Any]:
@@ -219,11 +243,12 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values -> dotted keys: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[prefix + key] = value
     return flat
@@ -250,32 +275,125 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
-    if path.suffix == ".toml":
-        import tomllib  # Python >= 3.11
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"--config: expected a .toml or .json file, got {str(path)!r}")
+    text = path.read_text(errors="replace")
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python >= 3.11
 
-        return _flatten(tomllib.loads(path.read_text()))
-    if path.suffix == ".json":
-        return _flatten(json.loads(path.read_text()))
-    raise ValueError(f"--config: expected a .toml or .json file, got {str(path)!r}")
+            tree = tomllib.loads(text)
+        else:
+            tree = json.loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"--config {str(path)!r}: not valid {path.suffix[1:].upper()} ({err})") from None
+    if not isinstance(tree, dict):
+        raise ValueError(
+            f"--config {str(path)!r}: the top level must be an object of config values "
+            f'(e.g. {{"steps": 100, "optim": {{"lr": 0.001}}}}), got a {type(tree).__name__}'
+        )
+    return flatten(tree)
 
 
 ALIASES = {"model": "model.name", "model-args": "model.args", "data": "data.name", "task": "task.name"}
 
 
+def flag(key: str) -> str:
+    """The flag a message names for the dotted config ``key``: its alias when it has one."""
+    return "--" + next((alias for alias, target in ALIASES.items() if target == key), key)
+
+
+def _field_docs(cls: type, prefix: str = "") -> dict[str, str]:
+    """Dotted leaf name -> its documentation, the field's trailing comment in ``cls``'s source (continued on
+    comment-only lines right below it), for a config dataclass and its sections."""
+    hints = typing.get_type_hints(cls)
+    docs: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            docs |= _field_docs(hints[f.name], f"{prefix}{f.name}.")
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen application): help without descriptions
+        return docs
+    first_name: dict[int, str] = {}  # line -> the name it starts with
+    last: tuple[str, int] | None = None  # the documented field, and its comment's last line
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line, column = token.start
+        at_start = not token.line[:column].strip()
+        if token.type == tokenize.NAME and at_start:
+            first_name[line] = token.string
+        elif token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            if first_name.get(line) in hints:
+                last = (prefix + first_name[line], line)
+                docs[last[0]] = text
+            elif last and at_start and line == last[1] + 1:
+                docs[last[0]] += " " + text
+                last = (last[0], line)
+    return docs
+
+
+FIELD_DOCS = _field_docs(TrainConfig)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with underscores in flag names read as dashes, and a did-you-mean for a mistyped flag."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        args = [_dashed(arg) if arg.startswith("--") else arg for arg in args]
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            known = [name for action in self._actions for name in action.option_strings]
+            unknown = [arg.split("=")[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
+            hints = [f"unknown flag {arg}{did_you_mean(arg, known) or _section_hint(arg, known)}" for arg in unknown]
+            message = "; ".join(hints) or message
+        super().error(message)
+
+
+def _dashed(arg: str) -> str:
+    name, equals, value = arg.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def _section_hint(arg: str, known: list[str]) -> str:
+    """``"; --optim.* flags: ..."`` when ``arg`` names a config section but no flag close to one of its fields."""
+    section = arg.removeprefix("--").split(".")[0]
+    inside = sorted(name for name in known if name.startswith(f"--{section}."))
+    return f"; --{section}.* flags: {', '.join(inside)}" if inside else "; see crate-train --help"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="crate-train",
-        description="Train a CRATE model. No flags: a small CRATE classifier on scikit-learn digits (CPU, minutes).",
+        usage="crate-train [--config FILE] [--FLAG VALUE ...]",
+        description="Train a CRATE model. No flags: a small CRATE classifier on scikit-learn digits (CPU, minutes). "
+        "Every flag below is a config field; dashes and underscores are interchangeable.",
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,  # only the flags given reach the namespace
     )
-    parser.add_argument("--config", help="a TOML or JSON file of config values (flags override it)")
-    defaults = _flatten(TrainConfig().to_dict())
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of config values (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
+    defaults = flatten(TrainConfig().to_dict())
+    groups = {"": parser.add_argument_group("run")}
     for key, annotation in LEAVES.items():
-        names = {f"--{key}", f"--{key.replace('_', '-')}"}
-        names |= {f"--{alias}" for alias, target in ALIASES.items() if target == key}
-        kind = "x".join(a.__name__ for a in typing.get_args(annotation)) or annotation.__name__
-        parser.add_argument(*sorted(names), dest=key, metavar=kind.upper(), help=f"default: {defaults[key]!r}")
+        section = key.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (--{section}.*)")
+        names = {f"--{key.replace('_', '-')}"} | {f"--{alias}" for alias, target in ALIASES.items() if target == key}
+        kind = ",".join(a.__name__ for a in typing.get_args(annotation)) or annotation.__name__
+        metavar = "{" + ",".join(CHOICES[key]) + "}" if key in CHOICES else kind.upper()
+        help_text = FIELD_DOCS.get(key, "")
+        if key == "model.name":
+            import crate_kernels
+
+            help_text += f"; one of: {', '.join(crate_kernels.list_models())}"
+        default = defaults[key]
+        help_text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else repr(default)})"
+        groups[section].add_argument(*sorted(names), dest=key, metavar=metavar, help=help_text.replace("%", "%%"))
     return parser
 
 
@@ -283,6 +401,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The resolved config from a command line; bad values raise ConfigError before anything is built."""
     namespace = vars(build_parser().parse_args(argv))
     config_file = namespace.pop("config", None)
+    namespace.pop("debug", None)  # read by crate-train itself
     try:
         base = from_flat(load_file(config_file)) if config_file else None
         return from_flat(namespace, base).resolved()

@@ -11,7 +11,6 @@ next-token windows (b, T).
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crate_kernels.train.config import TrainConfig, parse_model_args
+from crate_kernels import files
+from crate_kernels.train.config import TrainConfig, did_you_mean, parse_model_args
 from crate_kernels.train.data import TEXT_VOCAB, ImageSet, TextSet, decode_text, encode_text
 
 
@@ -165,7 +165,7 @@ class LM(Task):
             ids = model.generate(prompt, self.cfg.task.sample_tokens, temperature=0.8, top_k=20)
         text = decode_text(ids[0].cpu())
         if is_main:
-            (run_dir / "sample.txt").write_text(text)
+            files.write_text(run_dir / "sample.txt", text)
         return ["sample:", text]
 
 
@@ -225,8 +225,7 @@ def build_model(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> tupl
 
     names = crate_kernels.list_models()
     if cfg.model.name not in names:
-        close = difflib.get_close_matches(cfg.model.name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(names)}"
+        hint = did_you_mean(cfg.model.name, names) or f"; known: {', '.join(names)}"
         raise ValueError(f"--model: unknown model {cfg.model.name!r}{hint}")
     user = parse_model_args(cfg.model.args)
     derived = task.data_overrides(train)
@@ -275,7 +274,7 @@ def _image_grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> None
             axes[r][c].axis("off")
         axes[r][0].set_title(title, fontsize=8, loc="left")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -308,5 +307,5 @@ def plot_run(records: list[dict[str, Any]], rows: list[dict[str, float]], path: 
         twin.plot(layer, [r["sparsity"] for r in rows], "s-", color="C1")
         twin.set_ylabel("sparsity", color="C1")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    files.save_figure(fig, path, dpi=100)
     plt.close(fig)
