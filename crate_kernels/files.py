@@ -36,11 +36,26 @@ def temporary(path: str | Path) -> Path:
     return path.with_name(path.name + TMP_SUFFIX)
 
 
+def _os_error(err: BaseException, errnos: tuple[int, ...] = ()) -> OSError | None:
+    """The ``OSError`` (with one of ``errnos``, when given) that ``err`` is or that caused it, if any."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [err]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and (not errnos or current.errno in errnos):
+            return current
+        stack += [current.__cause__, current.__context__]
+        # torch.distributed.checkpoint collects each rank's exception in ``failures``: {rank: (exception, trace)}.
+        stack += [failure[0] for failure in getattr(current, "failures", {}).values()]
+    return None
+
+
 def _naming(err: OSError, path: Path) -> OSError:
-    """``err`` with ``path`` as its file name: a failed ``write`` does not say which file it was writing."""
-    if err.filename is not None:
-        return err
-    return type(err)(err.errno, err.strerror or os.strerror(err.errno or 0), str(path))
+    """``err`` naming the file it failed on (``path`` when it names none: a failed ``write`` does not say)."""
+    return type(err)(err.errno, err.strerror or os.strerror(err.errno or 0), err.filename or str(path))
 
 
 @contextlib.contextmanager
@@ -48,7 +63,8 @@ def replacing(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path to write ``path``'s new content to (a file, or a folder of files each written with
     ``replacing``); on success it is fsynced and renamed over ``path``.
 
-    An ``OSError`` (a full disk) comes out naming ``path``, with the old ``path`` untouched.
+    A failed write removes the temporary, the old ``path`` untouched; one caused by an ``OSError`` (a full disk;
+    ``torch.save`` reports it as a ``RuntimeError`` caused by one) comes out as that ``OSError``, naming the file.
     """
     path, tmp = Path(path), temporary(path)
     _remove(tmp)
@@ -59,9 +75,12 @@ def replacing(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(path)  # a folder cannot be renamed over a non-empty one
         os.replace(tmp, path)
         fsync(path.parent)
-    except OSError as err:
+    except Exception as err:
         _remove(tmp)
-        raise _naming(err, path) from err
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        raise _naming(cause, path) from err
 
 
 @contextlib.contextmanager
@@ -129,19 +148,7 @@ def remove_leftovers(folder: str | Path) -> list[Path]:
 
 def disk_full(err: BaseException) -> OSError | None:
     """The ``OSError`` "no space left" (or "quota exceeded") behind ``err``, if a full disk caused it."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [err]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
-            return current
-        stack += [current.__cause__, current.__context__]
-        # torch.distributed.checkpoint collects each rank's exception in ``failures``: {rank: (exception, trace)}.
-        stack += [failure[0] for failure in getattr(current, "failures", {}).values()]
-    return None
+    return _os_error(err, (errno.ENOSPC, errno.EDQUOT))
 
 
 def _remove(path: Path) -> None:

@@ -39,10 +39,12 @@ class ConfigError(ValueError):
     """A run that cannot start (bad flag, unknown model, missing data, batch that does not divide)."""
 
 
-def did_you_mean(word: str, known: typing.Iterable[str]) -> str:
-    """``"; did you mean X?"`` naming the entries of ``known`` closest to ``word``, or ``""``."""
-    close = difflib.get_close_matches(word, list(known), n=3)
-    return f"; did you mean {' or '.join(close)}?" if close else ""
+def did_you_mean(word: str, known: typing.Iterable[str] | dict[str, str]) -> str:
+    """``"; did you mean X?"`` naming the entries of ``known`` closest to ``word``, or ``""``. A dict maps what is
+    compared to what is named."""
+    names = known if isinstance(known, dict) else {name: name for name in known}
+    close = difflib.get_close_matches(word, list(names), n=3)
+    return f"; did you mean {' or '.join(names[c] for c in close)}?" if close else ""
 
 
 @dataclass(frozen=True)
@@ -349,8 +351,7 @@ class _Parser(argparse.ArgumentParser):
         if message.startswith(prefix):
             known = [name for action in self._actions for name in action.option_strings]
             unknown = [arg.split("=")[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
-            hints = [f"unknown flag {arg}{did_you_mean(arg, known) or _section_hint(arg, known)}" for arg in unknown]
-            message = "; ".join(hints) or message
+            message = "; ".join(f"unknown flag {arg}{_flag_hint(arg, known)}" for arg in unknown) or message
         super().error(message)
 
 
@@ -359,11 +360,15 @@ def _dashed(arg: str) -> str:
     return name.replace("_", "-") + equals + value
 
 
-def _section_hint(arg: str, known: list[str]) -> str:
-    """``"; --optim.* flags: ..."`` when ``arg`` names a config section but no flag close to one of its fields."""
-    section = arg.removeprefix("--").split(".")[0]
-    inside = sorted(name for name in known if name.startswith(f"--{section}."))
-    return f"; --{section}.* flags: {', '.join(inside)}" if inside else "; see crate-train --help"
+def _flag_hint(arg: str, known: list[str]) -> str:
+    """The flags ``arg`` may have meant: within its section when it names one (compared by field name), else
+    among all; the section's flags when none is close."""
+    section, _, field = arg.removeprefix("--").rpartition(".")
+    prefix = f"--{section}."
+    inside = {name.removeprefix(prefix): name for name in known if section and name.startswith(prefix)}
+    if not inside:
+        return did_you_mean(arg, known) or "; see crate-train --help"
+    return did_you_mean(field, inside) or f"; --{section}.* flags: {', '.join(sorted(inside.values()))}"
 
 
 def build_parser() -> argparse.ArgumentParser:

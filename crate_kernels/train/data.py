@@ -13,6 +13,7 @@ same samples with the same crops, and the samples of a step do not depend on the
 
 from __future__ import annotations
 
+import codecs
 import math
 import pickle
 from dataclasses import dataclass
@@ -134,12 +135,14 @@ def _load_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.stack(images), torch.tensor(labels), classes
 
 
-# The globals a pickled numpy array names: numpy 1 wrote numpy.core, numpy 2 writes numpy._core.
+# The globals a pickled numpy array names (numpy 1 wrote numpy.core, numpy 2 writes numpy._core), and the one that
+# Python 3 names for a bytes object at protocol 2 (a pure str -> bytes conversion).
 ARRAY_GLOBALS = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("_codecs", "encode"): codecs.encode,
 }
 
 
