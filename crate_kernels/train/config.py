@@ -205,19 +205,21 @@ def parse_model_args(text: str) -> dict[str, Any]:
 # ---- dataclass <-> flat dotted keys, with type checks ----
 
 
-def _fields(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf name -> its resolved annotation, for a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    leaves: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            leaves |= _fields(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            leaves[prefix + f.name] = hints[f.name]
-    return leaves
+def _sections(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, type]]:
+    """A config dataclass and, depth first, each nested one, with the dotted prefix of its fields."""
+    yield prefix, cls
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from _sections(hint, f"{prefix}{name}.")
 
 
-LEAVES = _fields(TrainConfig)
+# Dotted leaf name -> its resolved annotation.
+LEAVES = {
+    prefix + name: hint
+    for prefix, section in _sections(TrainConfig)
+    for name, hint in typing.get_type_hints(section).items()
+    if not dataclasses.is_dataclass(hint)
+}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -305,18 +307,15 @@ def flag(key: str) -> str:
     return "--" + next((alias for alias, target in ALIASES.items() if target == key), key)
 
 
-def _field_docs(cls: type, prefix: str = "") -> dict[str, str]:
-    """Dotted leaf name -> its documentation, the field's trailing comment in ``cls``'s source (continued on
-    comment-only lines right below it), for a config dataclass and its sections."""
-    hints = typing.get_type_hints(cls)
-    docs: dict[str, str] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            docs |= _field_docs(hints[f.name], f"{prefix}{f.name}.")
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its documentation: the field's trailing comment in ``cls``'s source, continued on comment-only
+    lines right below it."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):  # no source (a frozen application): help without descriptions
-        return docs
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
     first_name: dict[int, str] = {}  # line -> the name it starts with
     last: tuple[str, int] | None = None  # the documented field, and its comment's last line
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
@@ -326,8 +325,8 @@ def _field_docs(cls: type, prefix: str = "") -> dict[str, str]:
             first_name[line] = token.string
         elif token.type == tokenize.COMMENT:
             text = token.string.lstrip("#").strip()
-            if first_name.get(line) in hints:
-                last = (prefix + first_name[line], line)
+            if first_name.get(line) in names:
+                last = (first_name[line], line)
                 docs[last[0]] = text
             elif last and at_start and line == last[1] + 1:
                 docs[last[0]] += " " + text
@@ -335,7 +334,10 @@ def _field_docs(cls: type, prefix: str = "") -> dict[str, str]:
     return docs
 
 
-FIELD_DOCS = _field_docs(TrainConfig)
+# Dotted leaf name -> what ``--help`` says of it.
+FIELD_DOCS = {
+    prefix + name: doc for prefix, section in _sections(TrainConfig) for name, doc in _field_docs(section).items()
+}
 
 
 class _Parser(argparse.ArgumentParser):
