@@ -111,7 +111,7 @@ def save(
 ) -> Path:
     """Write the checkpoint after ``step`` optimizer steps; collective (every rank calls it).
 
-    A full disk raises ``OSError`` naming the file, with the earlier checkpoints untouched.
+    A full disk raises ``OSError`` naming the file (on the rank that hit it), the earlier checkpoints untouched.
     """
     final = step_dir(run_dir, step)
     # Rank 0 owns the folder's rename; every rank writes its files into it.
@@ -124,7 +124,10 @@ def save(
         if scaler is not None and scaler.is_enabled():
             train_state["scaler"] = scaler.state_dict()  # its loss scale moves during fp16 training
         if ctx.parallel == "fsdp2":
-            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "model_optim")
+            try:
+                dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "model_optim")
+            except CheckpointException as err:  # a BaseException: made an error that ``replacing`` cleans up after
+                raise RuntimeError(f"torch.distributed.checkpoint.save: {_reason(err)}") from err
         else:
             train_state |= {"model": model_state, "optimizer": optim_state}
         if ctx.is_main:
@@ -239,8 +242,8 @@ def load_dcp(state: dict[str, Any], path: Path) -> None:
     dcp.load(state, storage_reader=_WeightsOnlyReader(path), planner=_WeightsOnlyPlanner())
 
 
-# What reading a torn, truncated or hostile checkpoint raises (CheckpointException: DCP's, on every rank).
-UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError, CheckpointException)
+# What reading a torn, truncated or hostile checkpoint file raises.
+UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError)
 
 
 def _read(path: Path, ctx: Context) -> dict[str, Any]:
@@ -331,8 +334,8 @@ def resume(
         except CheckpointException as err:  # raised on every rank alike
             skipped.append((path, _reason(err)))
             continue
-        for bad, why in skipped:
-            if ctx.is_main:
+        if ctx.is_main:
+            for bad, why in skipped:
                 aside = bad.with_name(bad.name + ".unreadable")
                 shutil.rmtree(aside, ignore_errors=True)
                 bad.rename(aside)
