@@ -5,7 +5,7 @@ crate_kernels' PyTorch M-form path, and the Triton kernels (GPU only). Modes fwd
 alone, ``relu(x·M + x − ηλ)`` fused, against cuBLAS ``torch.matmul(x, M)`` on the same (B·N, D) × (D, D) shape.
 
 Shapes: the vanilla CRATE presets (T/S/B/L at 224/16, N = 197) at B = 256 and 64 on GPU, CRATE-B first so a
-time-limited run (gpu_check.sh) measures the goal's row (DESIGN §5: B = 256, bf16, fwd_bwd) before the others;
+time-limited run (gpu_check.sh) measures the goal's row (B = 256, bf16, fwd_bwd) before the others;
 max-autotune rows come last for the same reason.
 """
 
@@ -27,7 +27,8 @@ from benchmarks.shapes import (
     op_shapes,
     providers,
 )
-from crate_kernels.ops.ista import gemm_epilogue, ista_dictionary_operator
+from crate_kernels.ops.gemm import gemm_epilogue
+from crate_kernels.ops.ista import ista_dictionary_operator
 from reference.ista import ista_ref
 
 STEP_SIZE, LAMBD = 0.1, 0.1

@@ -27,7 +27,7 @@ from benchmarks.shapes import (
     op_shapes,
     providers,
 )
-from crate_kernels.ops.ista import gemm_epilogue
+from crate_kernels.ops.gemm import gemm_epilogue
 from reference.ista import ista_overcomplete_ref
 
 SHAPES = headline_first([s for s in op_shapes() if s.model.overcomplete], batches=(256,))

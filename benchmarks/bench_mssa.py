@@ -8,7 +8,7 @@ provider reads its (B, H, N, P) transpose, as the MSSA module does.
 
 Shapes (GPU): the op shapes of the presets, plus the CRATE-B and CRATE-S heads (P = 64, 48) at the token counts of
 other image sizes (224/14 → 257, 384/16 → 577, 512/16 → 1025; B = 256 up to 257 tokens, 64 beyond) and CRATE-LM-B at
-contexts 512 and 2048; CRATE-B/16 at B = 256 first, so a time-limited run measures DESIGN §5's goal row first.
+contexts 512 and 2048; CRATE-B/16 at B = 256 first, so a time-limited run measures the goal row first.
 """
 
 import dataclasses

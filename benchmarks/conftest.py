@@ -53,7 +53,7 @@ _MAX_INPUT_COPIES = 64
 
 
 class _BenchModule(pytest.Module):
-    """A ``bench_*.py`` file: collects the ``bench_*`` functions (STYLE.md names) it defines, not imported helpers."""
+    """A ``bench_*.py`` file: collects the ``bench_<op>_<mode>`` functions it defines, not imported helpers."""
 
     def funcnamefilter(self, name: str) -> bool:
         return name.startswith("bench_") or super().funcnamefilter(name)

@@ -4,11 +4,11 @@ Every benchmark shape comes from a preset (never a literal in a bench file): the
 device (no memory, no init cost) and its layer sizes are read off the modules, so a preset change moves the benchmarks
 with it. A :class:`BenchShape` is a preset plus a batch size; its id reads like ``crate_b-256x197x768h12``.
 
-FLOPs are the algorithm's minimum (DESIGN.md §5): attention 4·B·H·N²·P forward (half when causal), backward 2.5×
-forward; a GEMM 2·M·N·K, backward twice forward; vanilla ISTA in the one-GEMM M-form (DESIGN §1.2), the overcomplete
-ISTA as its four thin GEMMs. Every provider of a row is credited the same count, so TFLOP/s is effective throughput
-and comparable across providers; the roofline floor is that count over the card's measured matmul rate. Bytes are the
-compulsory traffic (inputs, outputs, parameters and their gradients read or written once), a lower bound.
+FLOPs are the algorithm's minimum (docs/design.md, 'Performance goals'): attention 4·B·H·N²·P forward (half when
+causal), backward 2.5× forward; a GEMM 2·M·N·K, backward twice forward; vanilla ISTA in the one-GEMM M-form, the
+overcomplete ISTA as its four thin GEMMs. Every provider of a row is credited the same count, so TFLOP/s is effective
+throughput and comparable across providers; the roofline floor is that count over the card's measured matmul rate. Bytes
+are the compulsory traffic (inputs, outputs, parameters and their gradients read or written once), a lower bound.
 """
 
 import functools
@@ -230,7 +230,7 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# (preset, batch) per machine. GPU: the batch of DESIGN §5's goals (B = 256 at 224/16); CPU: small enough that a
+# (preset, batch) per machine. GPU: the batch of the performance goals (B = 256 at 224/16); CPU: small enough that a
 # smoke run of every suite takes seconds. Layer- and op-level suites use op_shapes(), whole steps model_shapes().
 # The causal LM runs at its preset context (1024 tokens) with B·N near the vision shapes' token count.
 _VISION = ["crate_tiny_patch16_224", "crate_small_patch16_224", "crate_base_patch16_224", "crate_large_patch16_224",

@@ -169,7 +169,8 @@ def test_flops_follow_design_formulas() -> None:
     assert attention_flops(256, 12, 197, 64, False, "fwd") == 4 * 256 * 12 * 197**2 * 64
     assert attention_flops(256, 12, 197, 64, True, "fwd_bwd") == 3.5 * 2 * 256 * 12 * 197**2 * 64
     assert ista_flops(T, 768, "fwd_bwd") == 3 * (2 * T * 768**2 + 2 * 768**3)
-    # DESIGN §5: one CRATE-B layer fwd+bwd at B = 256 has a compute floor of ≈ 0.81 ms at ~800 TFLOP/s
+    # One CRATE-B layer fwd+bwd at B = 256 has a compute floor of ≈ 0.81 ms at ~800 TFLOP/s (docs/design.md,
+    # 'Performance goals').
     assert layer_flops(shape, "fwd_bwd") / 800e12 == pytest.approx(0.81e-3, rel=0.02)
     assert train_step_flops(shape) > 12 * layer_flops(shape, "fwd_bwd")
 

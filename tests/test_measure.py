@@ -1,5 +1,7 @@
-"""The per-layer measurement (docs/design.md, "Measurement definitions") against direct log-determinants and a
-hand-run forward."""
+"""The per-layer measurement against direct log-determinants and a hand-run forward.
+
+docs/design.md, 'Measurement definitions'.
+"""
 
 import pytest
 import torch
@@ -107,7 +109,7 @@ def test_layerwise_measures_the_sparse_code_of_overcomplete_blocks():
     handle.remove()
     blk, y = model.transformer.layers[1][1].fn, captured[0]
     a1 = torch.relu(blk.eta * y @ blk.D - blk.eta * blk.lmbda)
-    a2 = torch.relu(a1 - blk.eta * (a1 @ blk.D.T - y) @ blk.D - blk.eta * blk.lmbda)  # upstream's form
+    a2 = torch.relu(a1 - blk.eta * (a1 @ blk.D.T - y) @ blk.D - blk.eta * blk.lmbda)  # upstream's form of step 2
     assert rows[1]["sparsity"] == pytest.approx((a2 == 0).double().mean().item(), abs=1e-12)
     assert rows[1]["sparsity"] > 0.0
 

@@ -12,7 +12,7 @@ class Tolerance(NamedTuple):
     floor: float  # least absolute slack added to twice the low-precision reference's error (rule a)
 
 
-# DESIGN.md §4 (b): per-dtype ceilings (xformers' attention numbers), forward and backward.
+# Rule (b) of docs/design.md, 'Numerics rules': per-dtype ceilings (xformers' attention numbers), forward and backward.
 TOLERANCES: dict[tuple[torch.dtype, str], Tolerance] = {
     (torch.float64, "fwd"): Tolerance(1e-10, 1e-10, 1e-12),
     (torch.float64, "bwd"): Tolerance(1e-10, 1e-10, 1e-12),
@@ -38,7 +38,7 @@ def assert_close_to_ref(
     *,
     kind: str = "fwd",
 ) -> None:
-    """DESIGN §4: ``actual`` (any dtype) against ``expected`` (reference in fp64).
+    """``actual`` (any dtype) against ``expected`` (reference in fp64), by docs/design.md, 'Numerics rules'.
 
     (a) error ≤ 2 × error of ``low_precision_ref`` (the reference run in actual's dtype) + floor, when given;
     (b) |actual − expected| ≤ atol + rtol·|expected| with the dtype's ceilings.

@@ -1,4 +1,6 @@
-"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11, DESIGN §1.1).
+"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11).
+
+The math: docs/design.md, 'MSSA forward' and 'MSSA backward'.
 
 Forward (``_mssa_fwd_kernel``): program (m, b·H + h) owns query rows [m·BLOCK_M, (m+1)·BLOCK_M) of head (b, h). It
 loads its W rows once as queries, then streams key blocks of W: each W tile is loaded ONCE and used as key (scores)
@@ -17,10 +19,11 @@ band. Offsets that scale with B, H or N are int64 (pointer bases, running pointe
 
 Limits: P ≤ 128 (one padded tile of P_PAD = next power of two ≥ 16 columns); fp32 / fp16 / bf16 inputs. ``UPCAST``
 converts loaded tiles to fp32 and rounds bf16 stores to nearest: the interpreter has no bf16 arithmetic and its bf16
-cast truncates (DESIGN §4). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or "tf32" for fp32 inputs, following
-``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the probabilities cast to the input
-dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no additive float mask); dW uses
-Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic, rounded differently.
+cast truncates (docs/design.md, 'The Triton interpreter'). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or
+"tf32" for fp32 inputs, following ``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the
+probabilities cast to the input dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no
+additive float mask); dW uses Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic,
+rounded differently.
 """
 
 import triton
@@ -166,16 +169,19 @@ def _mssa_fwd_kernel(
         hi = tl.minimum(start_m + BLOCK_M, N)
         acc, m_i, l_i = _mssa_fwd_tiles(
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, band_lo, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
         acc, m_i, l_i = _mssa_fwd_tiles(
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, band_lo, hi, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, True, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=True, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _mssa_fwd_tiles(
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, N, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     empty = l_i == 0.0  # every key masked: output 0 and lse +inf, so the backward sees probabilities 0
@@ -183,7 +189,7 @@ def _mssa_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     out_ptrs = Out + b * stride_ob + h * stride_oh + rows * stride_on + offs_p[None, :] * stride_op
-    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST), mask=tile_mask)
+    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -397,23 +403,27 @@ def _mssa_bwd_kernel(
         acc = _mssa_bwd_tiles(
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, band_lo, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, False, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=False, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
         acc = _mssa_bwd_tiles(
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_lo, band_hi, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, True, True, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=True, CAUSAL=True,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
         acc = _mssa_bwd_tiles(
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_hi, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            False, True, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=False, KEY=True, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
         acc = _mssa_bwd_tiles(
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, True, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=True, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     dw_ptrs = dW + b * stride_gb + h * stride_gh + rows * stride_gn + offs_p[None, :] * stride_gp
-    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST), mask=tile_mask)
+    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)

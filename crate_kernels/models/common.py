@@ -1,6 +1,6 @@
 """The pieces every CRATE family member shares: layers, patches, checks, key renaming, and the image-classifier base.
 
-Attribute names give exactly upstream's state_dict keys (docs/design.md, "Model family"): ``PreNorm`` holds
+Attribute names give exactly upstream's state_dict keys (docs/design.md, "The model family"): ``PreNorm`` holds
 ``norm.*`` and ``fn.*``, ``Transformer`` holds ``layers.{i}.{0,1}``, the classifiers hold ``pos_embedding``,
 ``cls_token`` and ``mlp_head.{0,1}``.
 """

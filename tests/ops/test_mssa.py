@@ -34,7 +34,8 @@ BACKENDS = ["torch", "triton"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
-# DESIGN §4's grid. Under the interpreter every (P, N) pair runs at B = H = 1; the (B, H) mixes behind `slow`.
+# The shapes that matter (docs/design.md, 'Testing rules'). Under the interpreter every (P, N) pair runs at B = H = 1;
+# the (B, H) mixes behind `slow`.
 GRID_P = [16, 32, 48, 64, 80, 128]
 GRID_N = [1, 2, 17, 64, 197, 257]
 GRID_BH = [(1, 1), (2, 3), (3, 6), (1, 12)]
@@ -89,15 +90,15 @@ def _run_ref(w: torch.Tensor, scale=None, is_causal=False, attn_mask=None) -> tu
 
 
 def _check(w: torch.Tensor, **kwargs) -> None:
-    """Both rules of DESIGN §4 where the kernels ran. The PyTorch path is held to the dtype ceilings (rule b) alone:
-    on CPU, SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20), ~5× the fp32 error of the math
-    form.
+    """Both numerics rules (docs/design.md, 'Numerics rules') where the kernels ran. The PyTorch path is held to the
+    dtype ceilings (rule b) alone: on CPU, SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20),
+    ~5× the fp32 error of the math form.
 
-    fp32 dw is held to rule (b) alone as well: the FlashAttention backward takes Δ = rowsum(dO ∘ O) (issue 3), whose
-    rounding does not cancel that of dP in dP − Δ as autograd's rowsum(dP ∘ A) does. Measured at 2×3×17×48: the
-    kernel's error 2.7–6.2e-6 against the fp32 reference's 1.3–3.0e-6 (|dw| ≤ 4), and the same formulation written in
-    plain fp32 PyTorch reproduces the kernel's error to the last bit, so it is the formulation, not the kernel. In fp16
-    and bf16 the operand rounding dominates and rule (a) applies."""
+    fp32 dw is held to rule (b) alone as well: the FlashAttention backward takes Δ = rowsum(dO ∘ O) (docs/design.md,
+    'MSSA backward'), whose rounding does not cancel that of dP in dP − Δ as autograd's rowsum(dP ∘ A) does. Measured at
+    2×3×17×48: the kernel's error 2.7–6.2e-6 against the fp32 reference's 1.3–3.0e-6 (|dw| ≤ 4), and the same
+    formulation written in plain fp32 PyTorch reproduces the kernel's error to the last bit, so it is the formulation,
+    not the kernel. In fp16 and bf16 the operand rounding dominates and rule (a) applies."""
     out, dw = _run(w, **kwargs)
     mask, is_causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
     ref64_kwargs = dict(kwargs, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
