@@ -90,9 +90,11 @@ def replacing_file(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         yield f
 
 
-def write_text(path: str | Path, text: str) -> None:
+def write_text(path: str | Path, text: str) -> Path:
+    """``Path(path).write_text(text)``, atomically; returns the path."""
     with replacing_file(path) as f:
         f.write(text)
+    return Path(path)
 
 
 def save_figure(fig: Any, path: str | Path, **savefig: Any) -> None:

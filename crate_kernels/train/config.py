@@ -11,7 +11,6 @@ with the allowed values of each choice (``CHOICES``).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
 import inspect
@@ -23,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crate_kernels.models.registry import parse_model_args
 
 TASKS = ("classify", "mae", "lm", "mlm")
 PARALLEL = ("none", "ddp", "fsdp2")
@@ -173,33 +174,6 @@ def _check_choice(key: str, value: str) -> None:
         raise ValueError(
             f"{flag(key)} must be one of {', '.join(allowed)}; got {value!r}{did_you_mean(value, allowed)}"
         )
-
-
-def parse_model_args(text: str) -> dict[str, Any]:
-    """``"dim=64,image_size=(8, 8),pool=mean"`` -> ``{"dim": 64, "image_size": (8, 8), "pool": "mean"}``.
-
-    Values are Python literals; a bare word is a string. The model registry then checks each value's type.
-    """
-    if not text.strip():
-        return {}
-    expected = f"--model.args: expected name=value pairs separated by commas (Python literals), got {text!r}"
-    try:
-        call = ast.parse(f"f({text})", mode="eval").body
-    except SyntaxError:
-        raise ValueError(expected) from None
-    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
-        raise ValueError(expected)
-    overrides: dict[str, Any] = {}
-    for kw in call.keywords:
-        if kw.arg in overrides:
-            raise ValueError(f"--model.args: {kw.arg} given twice in {text!r}")
-        try:
-            overrides[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value)
-        except ValueError:
-            raise ValueError(
-                f"--model.args: {kw.arg}= must be a Python literal, got {ast.unparse(kw.value)!r}"
-            ) from None
-    return overrides
 
 
 # ---- dataclass <-> flat dotted keys, with type checks ----

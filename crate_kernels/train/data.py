@@ -233,6 +233,32 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[ImageSet | TextSet, Image
     raise ValueError(f"--data: an image task needs digits, lfw, an image folder or CIFAR batches, got {name!r}")
 
 
+def photograph(name: str = "astronaut", size: int = 224, channels: int = 3) -> torch.Tensor:
+    """A sample photograph shipped with scikit-image (astronaut, chelsea, coffee, ...), centre-cropped square.
+
+    Returns:
+        (1, channels, size, size) fp32 in [0, 1]; grey when ``channels == 1``.
+    """
+    from skimage import color, data, transform
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    loader = getattr(data, name, None)
+    if loader is None:
+        raise ValueError(f"name must be a scikit-image sample photograph such as 'astronaut', got {name!r}")
+    img = loader()
+    if img.ndim == 3 and channels == 1:
+        img = color.rgb2gray(img[..., :3])
+    elif img.ndim == 2 and channels == 3:
+        img = color.gray2rgb(img)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    img = transform.resize(img, (size, size), anti_aliasing=True)  # floats in [0, 1]
+    t = torch.as_tensor(img, dtype=torch.float32)
+    return (t[None] if channels == 1 else t.permute(2, 0, 1))[None]
+
+
 # ---- order and augmentation ----
 
 

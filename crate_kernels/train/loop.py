@@ -15,13 +15,14 @@ import torch
 import crate_kernels
 from crate_kernels import files
 from crate_kernels.measure import layerwise
+from crate_kernels.plots import format_table, plot_run
 from crate_kernels.train import checkpoint, distributed, run_folder
 from crate_kernels.train.config import ConfigError, TrainConfig
 from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.faults import RunError, RunInterruptedError, StopSignals
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run, sample_generators
+from crate_kernels.train.tasks import TASK_CLASSES, Task, model_for_run, sample_generators
 
 
 class Metrics:
@@ -127,7 +128,7 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
         crate_kernels.set_backend(cfg.model.backend)
         train_set, val_set = load_dataset(cfg.data, task.text)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
-        model, model_args = build_model(cfg, task, train_set)
+        model, model_args = model_for_run(cfg, task, train_set)
         torch.manual_seed(cfg.seed + ctx.rank)  # then each rank its own stream: its own dropout masks
         # The saved config names every constructor argument, data-derived ones included, so that the run folder
         # alone rebuilds the model (crate-measure reads it).
@@ -252,8 +253,10 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(0)  # the MAE's random masks
             rows = layerwise(model, x.to(ctx.device))
-        lines += format_table(rows)
+        lines.append(format_table(rows))
     if ctx.is_main:
-        plot_run(metrics.records(), rows, run_dir / "metrics.png")
+        plot_run(
+            metrics.records(), rows, run_dir / "metrics.png", label=getattr(model, "config", {}).get("name", "final")
+        )
         lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
         print("\n".join(lines), flush=True)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from crate_kernels import files
-from crate_kernels.train.config import ConfigError, TrainConfig, flag, flatten, parse_model_args
+from crate_kernels.models.registry import parse_model_args
+from crate_kernels.train.config import ConfigError, TrainConfig, flag, flatten
 
 # Keys a resumed run may change and still be the same run.
 NOT_RESUMED = {"out", "max_steps", "progress", "allow_config_change"}

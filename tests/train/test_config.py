@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from crate_kernels.train.config import ConfigError, TrainConfig, from_flat, parse_args, parse_model_args
+from crate_kernels.models import parse_model_args
+from crate_kernels.train.config import ConfigError, TrainConfig, from_flat, parse_args
 
 
 def test_config_defaults_are_the_digits_demo():
