@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import crate_kernels
 from benchmarks.shapes import (
+    OP_MODES,
     TORCH_PATH,
     TRITON,
     UPSTREAM_COMPILE,
@@ -35,7 +36,6 @@ from benchmarks.shapes import (
 )
 from reference.mssa import mssa_ref
 
-MODES = ["fwd_bwd", "fwd", "bwd"]
 SDPA_FLASH = Provider("sdpa_flash", ours=False, gpu_only=True)
 SDPA_EFFICIENT = Provider("sdpa_efficient", ours=False, gpu_only=True)
 SDPA_CUDNN = Provider("sdpa_cudnn", ours=False, gpu_only=True)
@@ -129,7 +129,7 @@ def _bytes(shape: BenchShape, dtype: torch.dtype, mode: str) -> float:
 )
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_mssa(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     core, grad = _core(provider), mode != "fwd"
 

@@ -272,17 +272,21 @@ def render_markdown(
         f"- card: **{card}** (device `{first.get('device')}`), clocks: {first.get('clocks') or 'not read'}",
         f"- torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}, "
         f"Python {machine.get('python_version', '?')}",
-        f"- ceilings measured in this run: matmul {_fmt(first.get('matmul_tflops'), '.4g')} TFLOP/s "
-        f"({first['dtype']}), copy {_fmt(first.get('copy_gbps'), ',.0f')} GB/s",
         "- times: median of per-call device times (p20–p80 in brackets); TFLOP/s counts the algorithm's minimum FLOPs "
-        "(docs/design.md), the same for every provider; roofline = the floor (FLOPs over the matmul ceiling or bytes "
-        "over the copy ceiling, whichever is larger) over the measured time; × = the other provider's time over this "
-        "one's on the same shape, dtype and mode.",
+        "(docs/design.md), the same for every provider; × = the other provider's time over this one's on the same "
+        "shape, dtype and mode, both measured in this run.",
     ]
-    if first.get("device") != "cuda":
+    if first.get("device") == "cuda":
+        lines += [
+            f"- ceilings measured in this run: matmul {_fmt(first.get('matmul_tflops'), '.4g')} TFLOP/s "
+            f"({first['dtype']}), copy {_fmt(first.get('copy_gbps'), ',.0f')} GB/s; roofline = the floor (FLOPs "
+            "over the matmul ceiling or bytes over the copy ceiling, whichever is larger) over the measured time.",
+        ]
+    else:
         lines.append(
             "- **No GPU in this run**: only CPU providers at small shapes were measured; every GPU row "
-            "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed."
+            "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed. "
+            "No roofline: a CPU run measures no ceiling worth dividing by."
         )
     if left_out:
         lines.append(

@@ -1,4 +1,4 @@
-"""What the suites measure: shapes read off the model presets, the providers, and the FLOP/byte counts.
+"""What the suites measure: shapes read off the model presets, the providers, the modes, and the FLOP/byte counts.
 
 Every benchmark shape comes from a preset (never a literal in a bench file): the preset is built on the ``meta``
 device (no memory, no init cost) and its layer sizes are read off the modules, so a preset change moves the benchmarks
@@ -26,6 +26,9 @@ from reference import crate_alpha as reference_crate_alpha
 from reference import crate_lm as reference_crate_lm
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
+# The op suites' modes, fwd_bwd first: a time-limited run measures the goals' mode before the others.
+OP_MODES = ("fwd_bwd", "fwd", "bwd")
+STEP_SIZE, LAMBD = 0.1, 0.1  # η and λ of the ISTA blocks in every preset
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ UPSTREAM_COMPILE_MAX = Provider("upstream_compile_max_autotune", ours=False, gpu
 TORCH_PATH = Provider("torch_path", ours=True, backend="torch")
 TRITON = Provider("triton", ours=True, gpu_only=True, backend="triton")
 TRITON_COMPILE = Provider("triton_compile", ours=True, gpu_only=True, backend="triton", compile_mode="default")
+# The token GEMM alone (the ISTA suites): the Triton kernel with its epilogue against cuBLAS, both GPU-only.
+CUBLAS = Provider("cublas_matmul", ours=False, gpu_only=True)
+TRITON_GEMM = Provider("triton_gemm", ours=True, gpu_only=True, backend="triton")
 # The report computes "speed-up vs eager" and "vs compile" against these two names.
 EAGER_NAME, COMPILE_NAME = UPSTREAM_EAGER.name, UPSTREAM_COMPILE.name
 
@@ -252,6 +258,14 @@ def model_shapes() -> list[BenchShape]:
     return [BenchShape(model_shape(n), b) for n, b in (_GPU_MODEL if _on_gpu() else _CPU_MODEL)]
 
 
+def headline_first(shapes: list[BenchShape], batches: tuple[int, ...] = (256, 64)) -> list[BenchShape]:
+    """GPU: every shape at each batch in ``batches``, CRATE-B's rows first; CPU: the smoke shapes as they are."""
+    if not _on_gpu():
+        return shapes
+    shapes = [BenchShape(s.model, b) for s in shapes for b in batches]
+    return sorted(shapes, key=lambda s: (not s.model.short.endswith("_b"), -s.B))
+
+
 def bench_dtypes() -> list[torch.dtype]:
     """bf16 on GPU (the dtype of the goals); fp32 on CPU, where bf16 matmuls are not representative."""
     return [torch.bfloat16] if _on_gpu() else [torch.float32]
@@ -294,6 +308,16 @@ def ista_flops(T: int, D: int, mode: str) -> float:
 def ista_overcomplete_flops(T: int, D: int, m: int, mode: str) -> float:
     """Two-step overcomplete ISTA: four thin T×D×m GEMMs forward (yD, a₁Dᵀ, (·)D, a₂D_outᵀ), twice that backward."""
     return 4.0 * gemm_flops(T, m, D, mode)
+
+
+def time_gemm(bench, op: str, shape: BenchShape, dtype: torch.dtype, provider: Provider, make_inputs, fused) -> None:
+    """The main token GEMM alone: ``fused(a, b)`` (the Triton kernel with its epilogue) or ``torch.matmul(a, b)``."""
+    a, b = make_inputs()
+    (M, K), N = a.shape, b.shape[1]
+    fn = fused if provider is TRITON_GEMM else torch.matmul
+    nbytes = (M * K + K * N + M * N) * (torch.finfo(dtype).bits // 8)
+    bench(fn, make_inputs, mode="fwd", provider=provider, op=op, shape=shape, dtype=dtype, flops=2.0 * M * N * K,
+          nbytes=nbytes)  # fmt: skip
 
 
 def layer_flops(shape: BenchShape, mode: str) -> float:

@@ -48,3 +48,11 @@ def check_positive(name: str, size: int, t: torch.Tensor, meaning: str) -> None:
     """A width the ops divide by or reduce over must not be 0."""
     if size < 1:
         raise ValueError(f"{name} must be at least 1 ({meaning}), got shape {tuple(t.shape)}")
+
+
+def check_ndim(name: str, t: object, ndim: int, meaning: str) -> None:
+    """``t`` is a tensor (of any dtype) with ``ndim`` dimensions; ``meaning`` names them, e.g. "(B, N, D) tokens"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {meaning}, got {tuple(t.shape)}")

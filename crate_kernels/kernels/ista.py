@@ -106,18 +106,18 @@ def _ista_gemm_kernel(
     stride_cn,
     alpha,  # scales the product
     threshold,  # subtracted after the residual is added
-    A_GATED: tl.constexpr,
+    A_GATED: tl.constexpr,  # read A through its gate
     B_GATED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     R_GATED: tl.constexpr,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr,  # relu after the threshold
     DOT_DTYPE: tl.constexpr,  # of the dot's operands: the dictionary's dtype
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row-tiles per column sweep (grouped order)
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)

@@ -39,6 +39,12 @@ _SIZES = ["H", "N", "P"]
 
 
 @triton.jit
+def _program_head(H):
+    """The head of program (m, b·H + h), as every kernel here maps them: b·H + h, and b, h in int64 (pointer bases)."""
+    pid_bh = tl.program_id(1)
+    return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
 def _mssa_fwd_tiles(
     acc,
     m_i,
@@ -117,27 +123,24 @@ def _mssa_fwd_kernel(
     stride_oh,
     stride_on,
     stride_op,
-    stride_mb,
+    stride_mb,  # 0 where the mask broadcasts
     stride_mh,
     stride_mi,
     stride_mj,
-    H,
+    H,  # heads: program_id(1) = b·H + h
     N,
     P,
     scale,  # s, multiplies W Wᵀ
-    P_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,  # P rounded up to a power of two ≥ 16: the columns of every tile
     IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,  # read Mask (else it is never touched)
+    UPCAST: tl.constexpr,  # compute on fp32 copies of loaded tiles (ops/launch.py)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots (ops/launch.py)
+    BLOCK_M: tl.constexpr,  # query rows a program owns
+    BLOCK_N: tl.constexpr,  # key rows per inner step
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h = _program_head(H)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     qk_scale = tl.cast(scale, tl.float32) * LOG2E  # a caller may pass a float64 scalar
@@ -154,21 +157,20 @@ def _mssa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, P_PAD], dtype=tl.float32)
     if IS_CAUSAL:
-        # Key blocks wholly left of this row block need no causal test; the band [band_lo, end) does; none after.
         band_lo = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, N)
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # key blocks wholly left of these rows: no causal test
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, band_lo, N, P, qk_scale,
             stride_wn, stride_wp, stride_mi, stride_mj,
             CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # the diagonal band [band_lo, hi): j ≤ i tested; no key block after it
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, band_lo, hi, N, P, qk_scale,
             stride_wn, stride_wp, stride_mi, stride_mj,
             CAUSAL=True, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # every key block
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, N, N, P, qk_scale,
             stride_wn, stride_wp, stride_mi, stride_mj,
             CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
@@ -203,11 +205,8 @@ def _mssa_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Δ_i = Σ_p dO_ip O_ip, once per row, so the main backward reads it instead of recomputing it per key block."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h = _program_head(H)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     rows = offs_m.to(tl.int64)[:, None]
     tile_mask = (offs_m[:, None] < N) & (offs_p[None, :] < P)
@@ -333,13 +332,13 @@ def _mssa_bwd_kernel(
     N,
     P,
     scale,
-    P_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,  # the constexprs are the forward's
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of dW a program owns
+    BLOCK_N: tl.constexpr,  # rows J per inner step
 ):
     """dW for rows I = [m·BLOCK_M, (m+1)·BLOCK_M) of head (b, h), in ONE fp32 tile stored once: no atomics, no
     second pass, deterministic.
@@ -361,11 +360,8 @@ def _mssa_bwd_kernel(
     tests j ≤ i and i ≤ j. Every (i, j) pair with a nonzero probability is visited once per role, nothing else.
     A fully masked row i has lse_i = +inf and O_i = 0, so its A row is 0 and its dS row is 0, as in SDPA.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h = _program_head(H)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     scale = tl.cast(scale, tl.float32)
@@ -390,26 +386,26 @@ def _mssa_bwd_kernel(
     if IS_CAUSAL:
         band_lo = (start_m // BLOCK_N) * BLOCK_N
         band_hi = band_lo + tl.cdiv(tl.minimum(start_m + BLOCK_M, N) - band_lo, BLOCK_N) * BLOCK_N
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # blocks J wholly left of I: I's rows act as queries only
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, band_lo, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
             QUERY=True, KEY=False, CAUSAL=False,
             HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # the diagonal band: both roles, with the element tests j ≤ i and i ≤ j
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_lo, band_hi, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
             QUERY=True, KEY=True, CAUSAL=True,
             HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # blocks J wholly right of I: I's rows act as keys and values only
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_hi, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
             QUERY=False, KEY=True, CAUSAL=False,
             HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # every block J, both roles
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
             QUERY=True, KEY=True, CAUSAL=False,

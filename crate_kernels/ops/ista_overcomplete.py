@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from crate_kernels import backend
 from crate_kernels._checks import check_dictionary, check_positive, check_same, check_shape, check_tensor
@@ -158,13 +159,8 @@ def ista_overcomplete_bwd(
 
 @torch.library.custom_op("crate_kernels::ista_overcomplete_fwd", mutates_args=())
 def _ista_overcomplete_fwd_op(
-    x: torch.Tensor,
-    D: torch.Tensor,
-    D_out: torch.Tensor,
-    residual: torch.Tensor | None,
-    step_size: float,
-    lambd: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: Tensor, D: Tensor, D_out: Tensor, residual: Tensor | None, step_size: float, lambd: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(ista_overcomplete_fwd(x, D, D_out, step_size, lambd, residual))
 
 
@@ -177,15 +173,8 @@ def _(x, D, D_out, residual, step_size, lambd):
 
 @torch.library.custom_op("crate_kernels::ista_overcomplete_bwd", mutates_args=())
 def _ista_overcomplete_bwd_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    D: torch.Tensor,
-    D_out: torch.Tensor,
-    r: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    step_size: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: Tensor, x: Tensor, D: Tensor, D_out: Tensor, r: Tensor, a1: Tensor, a2: Tensor, step_size: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(ista_overcomplete_bwd(grad_out, x, D, D_out, r, a1, a2, step_size))
 
 

@@ -17,10 +17,8 @@ from crate_kernels.models import CRATELM, CRATEMAE, CRATEAlpha
 from crate_kernels.models import crate_lm as ours_lm
 from crate_kernels.models import crate_mae as ours_mae
 from reference.crate_mae import MaskedAutoencoderCRATE
-from tests.utils import seeded
+from tests.utils import AUTOCAST_DTYPES, BACKENDS, seeded, use_backend
 
-BACKENDS = ["torch", "triton"]
-AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 MAX_ERROR_RATIO = 1.25  # ours / upstream's, both against fp64, under the same autocast
 
 
@@ -152,8 +150,6 @@ def test_block_outputs_keep_upstreams_dtype_under_autocast(family, dtype, device
 def test_autocast_error_no_worse_than_upstream(family, backend, device):
     """bf16 autocast: our outputs are at most 1.25× as far from the fp64 evaluation as upstream's op sequence's.
     Under the interpreter the Triton path rounds to bf16 as a GPU does (kernels/rounding.py)."""
-    if backend == "triton" and device.type != "cuda" and not crate_kernels.backend.interpreting():
-        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-    crate_kernels.set_backend(backend)
+    use_backend(backend)
     ours, upstream = errors(build(family, dim=32, depth=2, heads=2), torch.bfloat16, device)
     assert ours <= MAX_ERROR_RATIO * upstream, f"{family}: error {ours:.3g} vs upstream {upstream:.3g}"

@@ -8,20 +8,11 @@ import pytest
 import torch
 
 import crate_kernels
-from crate_kernels import backend as backend_module
 from reference.ista import ista_overcomplete_ref, ista_ref
 from reference.mssa import mssa_ref
-from tests.utils import seeded
+from tests.utils import AUTOCAST_DTYPES, BACKENDS, seeded, use_backend
 
-BACKENDS = ["torch", "triton"]
-AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]
 D, TOKENS = 48, (2, 37)
-
-
-def use_backend(backend: str, device: torch.device) -> None:
-    if backend == "triton" and device.type != "cuda" and not backend_module.interpreting():
-        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-    crate_kernels.set_backend(backend)
 
 
 def _dictionary(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -71,7 +62,7 @@ def test_ista_ops_under_autocast_follow_upstream(op, backend, dtype, device):
     """Output and gradient dtypes equal those of upstream's sequence under the same autocast (fp32 with an fp32
     residual or x added, the autocast dtype where the op ends in a GEMM), and every output and gradient is within
     1.25× upstream's error against fp64 (relative, whole tensor; a floor for gradients upstream gets exact)."""
-    use_backend(backend, device)
+    use_backend(backend)
     ours_fn, ref_fn, names = OPS[op]
     tensors = [_inputs(device)[n] for n in names]
     ours, upstream = _run(ours_fn, tensors, dtype, device), _run(ref_fn, tensors, dtype, device)
@@ -87,7 +78,7 @@ def test_autocast_rule_is_one_for_the_function_the_custom_op_and_compile(backend
     the custom op called directly (its registered autocast kernel). Under ``torch.compile(fullgraph=True)`` the rule
     holds too: a bf16 x meets an fp32 dictionary (which only the rule's cast makes legal) and gives bf16; an fp32 x
     gives fp32 (to bf16 rounding: Inductor builds M in another summation order)."""
-    use_backend(backend, device)
+    use_backend(backend)
     x, weight = _inputs(device)["x"], _inputs(device)["weight"]
     explicit = crate_kernels.ista(x, weight.bfloat16())
     assert explicit.dtype == torch.float32
@@ -112,7 +103,7 @@ def test_autocast_rule_is_one_for_the_function_the_custom_op_and_compile(backend
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mssa_under_autocast_runs_in_the_autocast_dtype(backend, device):
     """As SDPA under autocast: w and an additive float mask go to the autocast dtype."""
-    use_backend(backend, device)
+    use_backend(backend)
     w = torch.randn(2, 3, 9, 16, generator=seeded(5)).to(device)
     mask = torch.randn(9, 9, generator=seeded(6)).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16):
@@ -125,7 +116,7 @@ def test_mssa_under_autocast_runs_in_the_autocast_dtype(backend, device):
 def test_ista_fp16_weight_gradient_overflows_no_earlier_than_the_true_one(backend, device):
     """x = 1e4·randn in fp16: C = xᵀ·g passes fp16's 65504 while the true dD fits. Both paths sum C in fp32 and
     return a finite, accurate dD (autograd through M formed C in fp16: Inf and NaN)."""
-    use_backend(backend, device)
+    use_backend(backend)
     x = (1e4 * torch.randn(64, 32, generator=seeded(0))).half().to(device)
     weight = _dictionary(32, 32, 1).half().to(device)
     grad_out = torch.randn(64, 32, generator=seeded(2)).half().to(device)
@@ -142,7 +133,7 @@ def test_ista_fp16_weight_gradient_overflows_no_earlier_than_the_true_one(backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_widths_are_clear_errors(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     x = torch.randn(2, 8).to(device)
     with pytest.raises(ValueError, match=r"D's number of atoms m must be at least 1"):
         crate_kernels.ista_overcomplete(x, torch.randn(8, 0).to(device))

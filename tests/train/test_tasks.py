@@ -3,7 +3,7 @@ import torch
 
 from crate_kernels.train.config import from_flat
 from crate_kernels.train.data import load_dataset
-from crate_kernels.train.tasks import MAE, MLM, build_model, held_out_generators, sample_generators
+from crate_kernels.train.tasks import MAE, MLM, held_out_generators, model_for_run, sample_generators
 
 
 def _setup(task_cls, task: str, args: str):
@@ -13,7 +13,7 @@ def _setup(task_cls, task: str, args: str):
     if t.text:
         train_set.block_size = 16
     torch.manual_seed(0)
-    model, _ = build_model(cfg, t, train_set)
+    model, _ = model_for_run(cfg, t, train_set)
     x, y = train_set.batch(torch.arange(4))
     return t, model, x, y
 
