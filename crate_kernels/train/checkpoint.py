@@ -3,11 +3,11 @@
 A checkpoint is written into ``step_<N>.tmp/`` (each file flushed and fsynced), then renamed to ``step_<N>/`` by
 rank 0 and the parent directory fsynced: a crash at any point leaves either the old set of checkpoints or the old set
 plus a complete new one, never a half-written ``step_<N>/``. Contents:
-- ``train.pt`` (rank 0): step, scheduler state, the fp16 ``GradScaler`` state, and for ``none``/``ddp`` the full
-  model and optimizer state dicts;
+- ``train.pt`` (rank 0): step, scheduler state, the fp16 ``GradScaler`` state, the data position (epoch and offset
+  in its order: ``loader.TrainBatches``), and for ``none``/``ddp`` the full model and optimizer state dicts;
 - ``model_optim/`` (``fsdp2``): the sharded model and optimizer state in ``torch.distributed.checkpoint`` format;
 - ``rng_rank<r>.pt`` (every rank): python, numpy, torch and CUDA generator states, as tensors and lists.
-Everything is read with ``torch.load(weights_only=True)``. The data position is the step (see ``data.py``).
+Everything is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def save(
     ctx: Context,
     keep_last: int,
     scaler: torch.amp.GradScaler | None = None,
+    data: Any = None,
 ) -> Path:
     """Write the checkpoint after ``step`` optimizer steps; collective (every rank calls it)."""
     root = Path(run_dir) / "checkpoints"
@@ -105,6 +106,8 @@ def save(
     train_state: dict[str, Any] = {"step": step, "scheduler": scheduler.state_dict()}
     if scaler is not None and scaler.is_enabled():
         train_state["scaler"] = scaler.state_dict()  # its loss scale moves during fp16 training
+    if data is not None:
+        train_state["data"] = data.state_dict()
     if ctx.parallel == "fsdp2":
         import torch.distributed.checkpoint as dcp
 
@@ -133,6 +136,7 @@ def load(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ctx: Context,
     scaler: torch.amp.GradScaler | None = None,
+    data: Any = None,
 ) -> int:
     """Restore everything ``save`` wrote into the (already wrapped) model and optimizer; returns the step."""
     train_state = torch.load(path / "train.pt", map_location="cpu", weights_only=True)
@@ -149,6 +153,8 @@ def load(
     scheduler.load_state_dict(train_state["scheduler"])
     if scaler is not None and "scaler" in train_state:
         scaler.load_state_dict(train_state["scaler"])
+    if data is not None and "data" in train_state:
+        data.load_state_dict(train_state["data"])
     rng_file = path / f"rng_rank{ctx.rank}.pt"
     if not rng_file.is_file():
         raise ValueError(f"{str(path)!r} was written by fewer ranks than {ctx.world_size}: no {rng_file.name}")

@@ -46,9 +46,13 @@ class ModelConfig:
 class DataConfig:
     name: str = ""  # digits | lfw | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
     val_fraction: float = 0.2  # held-out share for sets without an official split
-    image_size: int = 0  # resize images to this side; 0 = the data's own size
+    image_size: int = 0  # resize images to this side; 0 = the data's own size (224 for an image folder)
     crop_scale: float = 0.85  # random resized crop: smallest area share (1.0 = no crop)
     hflip: bool = False  # random horizontal flip (off for digits: a mirrored 2 is not a 2)
+    randaugment: int = 0  # RandAugment ops per training image (0 = off)
+    randaugment_magnitude: int = 9  # RandAugment strength, 0-30
+    workers: int = 2  # image folders: DataLoader processes decoding images (0 = decode in the training process)
+    prefetch: int = 2  # image folders: micro-batches each worker prepares ahead
     block_size: int = 0  # text window; 0 = the model's block_size
 
 
@@ -70,6 +74,7 @@ class TaskConfig:
     name: str = "classify"  # classify | mae | lm | mlm
     label_smoothing: float = 0.1
     mixup: float = 0.0  # Beta(a, a) mixup for classification; 0 = off
+    cutmix: float = 0.0  # Beta(a, a) CutMix for classification; 0 = off (with mixup: one of the two per sample)
     mask_ratio: float = 0.75  # MAE
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
@@ -124,6 +129,7 @@ class TrainConfig:
         positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
         positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
         positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
+        positive |= {"--data.prefetch": self.data.prefetch}
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -131,6 +137,13 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 0 (0 = --steps), got {self.max_steps}")
         if not 0.0 < self.data.crop_scale <= 1.0:
             raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
+        counts = {"--data.workers": self.data.workers, "--data.randaugment": self.data.randaugment}
+        counts |= {"--task.mixup": self.task.mixup, "--task.cutmix": self.task.cutmix}
+        for flag, value in counts.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if not 0 <= self.data.randaugment_magnitude <= 30:
+            raise ValueError(f"--data.randaugment_magnitude must be in [0, 30], got {self.data.randaugment_magnitude}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"--data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if not 0.0 < self.task.mask_ratio < 1.0:  # the MAE loss averages over the masked patches: some must be
@@ -219,11 +232,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
             flat[prefix + key] = value
     return flat
@@ -253,9 +266,9 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.suffix == ".toml":
         import tomllib  # Python >= 3.11
 
-        return _flatten(tomllib.loads(path.read_text()))
+        return flatten(tomllib.loads(path.read_text()))
     if path.suffix == ".json":
-        return _flatten(json.loads(path.read_text()))
+        return flatten(json.loads(path.read_text()))
     raise ValueError(f"--config: expected a .toml or .json file, got {str(path)!r}")
 
 
@@ -270,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,  # only the flags given reach the namespace
     )
     parser.add_argument("--config", help="a TOML or JSON file of config values (flags override it)")
-    defaults = _flatten(TrainConfig().to_dict())
+    defaults = flatten(TrainConfig().to_dict())
     for key, annotation in LEAVES.items():
         names = {f"--{key}", f"--{key.replace('_', '-')}"}
         names |= {f"--{alias}" for alias, target in ALIASES.items() if target == key}
