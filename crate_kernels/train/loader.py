@@ -84,7 +84,7 @@ class _Views(torch.utils.data.Dataset):
 
 
 class _Keys:
-    """A DataLoader's batch sampler over given key lists (an iterable DataLoader can restart)."""
+    """The key lists ``make()`` yields, as a DataLoader's ``batch_sampler`` (which each ``iter`` restarts)."""
 
     def __init__(self, make: Callable[[], Iterator[list[tuple[int, int]]]]):
         self.make = make
@@ -115,8 +115,7 @@ class TrainBatches:
     def __init__(self, dataset: DataSet, cfg: TrainConfig, world: tuple[int, int], pin: bool = False):
         self.dataset, self.cfg, self.world, self.pin = dataset, cfg, world, pin
         self.position, self._steps = Position(), None
-        d = cfg.data
-        text = isinstance(dataset, TextSet)
+        d, text = cfg.data, isinstance(dataset, TextSet)
         self.augment = (
             None if text else Augment(cfg.seed, d.crop_scale, d.hflip, d.randaugment, d.randaugment_magnitude)
         )
