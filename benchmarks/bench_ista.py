@@ -5,7 +5,7 @@ crate_kernels' PyTorch M-form path, and the Triton kernels (GPU only). Modes fwd
 alone, ``relu(x·M + x − ηλ)`` fused, against cuBLAS ``torch.matmul(x, M)`` on the same (B·N, D) × (D, D) shape.
 
 Shapes: the vanilla CRATE presets (T/S/B/L at 224/16, N = 197) at B = 256 and 64 on GPU, CRATE-B first so a
-time-limited run (gpu_check.sh) measures the goal's row (DESIGN §5: B = 256, bf16, fwd_bwd) before the others;
+time-limited run (gpu_check.sh) measures the goal's row (B = 256, bf16, fwd_bwd) before the others;
 max-autotune rows come last for the same reason.
 """
 
@@ -14,8 +14,13 @@ import torch
 
 import crate_kernels
 from benchmarks.shapes import (
+    CUBLAS,
+    LAMBD,
+    OP_MODES,
+    STEP_SIZE,
     TORCH_PATH,
     TRITON,
+    TRITON_GEMM,
     UPSTREAM_COMPILE,
     UPSTREAM_COMPILE_MAX,
     UPSTREAM_EAGER,
@@ -23,27 +28,15 @@ from benchmarks.shapes import (
     Provider,
     bench_dtypes,
     dtype_name,
+    headline_first,
     ista_flops,
     op_shapes,
     providers,
+    time_gemm,
 )
-from crate_kernels.ops.ista import gemm_epilogue, ista_dictionary_operator
+from crate_kernels.ops.gemm import gemm_epilogue
+from crate_kernels.ops.ista import ista_dictionary_operator
 from reference.ista import ista_ref
-
-STEP_SIZE, LAMBD = 0.1, 0.1
-MODES = ["fwd_bwd", "fwd", "bwd"]
-# The GEMM-alone comparison is Triton against cuBLAS: both rows are GPU-only.
-CUBLAS = Provider("cublas_matmul", ours=False, gpu_only=True)
-TRITON_GEMM = Provider("triton_gemm", ours=True, gpu_only=True, backend="triton")
-
-
-def headline_first(shapes: list[BenchShape], batches: tuple[int, ...] = (256, 64)) -> list[BenchShape]:
-    """GPU: every shape at each batch in ``batches``, CRATE-B's rows first; CPU: the smoke shapes as they are."""
-    if not torch.cuda.is_available():
-        return shapes
-    shapes = [BenchShape(s.model, b) for s in shapes for b in batches]
-    return sorted(shapes, key=lambda s: (not s.model.short.endswith("_b"), -s.B))
-
 
 SHAPES = headline_first([s for s in op_shapes() if not s.causal and s.model.overcomplete == 0])
 
@@ -84,28 +77,9 @@ def _bench_ista(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provide
 @pytest.mark.parametrize("provider", providers(TRITON, UPSTREAM_EAGER, UPSTREAM_COMPILE, TORCH_PATH))
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_ista(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     _bench_ista(bench, mode, shape, dtype, provider)
-
-
-def time_gemm(bench, op: str, shape: BenchShape, dtype: torch.dtype, provider: Provider, make_inputs, fused) -> None:
-    """The main token GEMM alone: ``fused(a, b)`` (the Triton kernel with its epilogue) or ``torch.matmul(a, b)``."""
-    a, b = make_inputs()
-    (M, K), N = a.shape, b.shape[1]
-    fn = fused if provider is TRITON_GEMM else torch.matmul
-    es = torch.finfo(dtype).bits // 8
-    bench(
-        fn,
-        make_inputs,
-        mode="fwd",
-        provider=provider,
-        op=op,
-        shape=shape,
-        dtype=dtype,
-        flops=2.0 * M * N * K,
-        nbytes=(M * K + K * N + M * N) * es,
-    )
 
 
 @pytest.mark.parametrize("provider", providers(TRITON_GEMM, CUBLAS))
@@ -128,7 +102,7 @@ def bench_ista_gemm(bench, shape: BenchShape, dtype: torch.dtype, provider: Prov
 @pytest.mark.parametrize("provider", providers(UPSTREAM_COMPILE_MAX))
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_ista_max_autotune(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     """Last in the file: minutes of autotuning must not crowd out the other rows of a time-limited run."""
     _bench_ista(bench, mode, shape, dtype, provider)

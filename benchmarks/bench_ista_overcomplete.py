@@ -12,10 +12,14 @@ import pytest
 import torch
 
 import crate_kernels
-from benchmarks.bench_ista import CUBLAS, LAMBD, MODES, STEP_SIZE, TRITON_GEMM, headline_first, time_gemm
 from benchmarks.shapes import (
+    CUBLAS,
+    LAMBD,
+    OP_MODES,
+    STEP_SIZE,
     TORCH_PATH,
     TRITON,
+    TRITON_GEMM,
     UPSTREAM_COMPILE,
     UPSTREAM_COMPILE_MAX,
     UPSTREAM_EAGER,
@@ -23,11 +27,13 @@ from benchmarks.shapes import (
     Provider,
     bench_dtypes,
     dtype_name,
+    headline_first,
     ista_overcomplete_flops,
     op_shapes,
     providers,
+    time_gemm,
 )
-from crate_kernels.ops.ista import gemm_epilogue
+from crate_kernels.ops.gemm import gemm_epilogue
 from reference.ista import ista_overcomplete_ref
 
 SHAPES = headline_first([s for s in op_shapes() if s.model.overcomplete], batches=(256,))
@@ -74,7 +80,7 @@ def _bench_ista_overcomplete(bench, mode: str, shape: BenchShape, dtype: torch.d
 @pytest.mark.parametrize("provider", providers(TRITON, UPSTREAM_EAGER, UPSTREAM_COMPILE, TORCH_PATH))
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_ista_overcomplete(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     _bench_ista_overcomplete(bench, mode, shape, dtype, provider)
 
@@ -98,7 +104,7 @@ def bench_ista_overcomplete_gemm(bench, shape: BenchShape, dtype: torch.dtype, p
 @pytest.mark.parametrize("provider", providers(UPSTREAM_COMPILE_MAX))
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_ista_overcomplete_max_autotune(bench, mode, shape: BenchShape, dtype: torch.dtype, provider) -> None:
     """Last in the file: minutes of autotuning must not crowd out the other rows of a time-limited run."""
     _bench_ista_overcomplete(bench, mode, shape, dtype, provider)

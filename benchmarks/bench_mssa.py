@@ -8,7 +8,7 @@ provider reads its (B, H, N, P) transpose, as the MSSA module does.
 
 Shapes (GPU): the op shapes of the presets, plus the CRATE-B and CRATE-S heads (P = 64, 48) at the token counts of
 other image sizes (224/14 → 257, 384/16 → 577, 512/16 → 1025; B = 256 up to 257 tokens, 64 beyond) and CRATE-LM-B at
-contexts 512 and 2048; CRATE-B/16 at B = 256 first, so a time-limited run measures DESIGN §5's goal row first.
+contexts 512 and 2048; CRATE-B/16 at B = 256 first, so a time-limited run measures the goal row first.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import crate_kernels
 from benchmarks.shapes import (
+    OP_MODES,
     TORCH_PATH,
     TRITON,
     UPSTREAM_COMPILE,
@@ -35,7 +36,6 @@ from benchmarks.shapes import (
 )
 from reference.mssa import mssa_ref
 
-MODES = ["fwd_bwd", "fwd", "bwd"]
 SDPA_FLASH = Provider("sdpa_flash", ours=False, gpu_only=True)
 SDPA_EFFICIENT = Provider("sdpa_efficient", ours=False, gpu_only=True)
 SDPA_CUDNN = Provider("sdpa_cudnn", ours=False, gpu_only=True)
@@ -129,7 +129,7 @@ def _bytes(shape: BenchShape, dtype: torch.dtype, mode: str) -> float:
 )
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", OP_MODES)
 def bench_mssa(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
     core, grad = _core(provider), mode != "fwd"
 

@@ -15,8 +15,9 @@ What the fixture does (see :meth:`Bench.__call__`):
 - median, p20 and p80 in ``extra_info``; the per-call times become the pytest-benchmark statistics, so its table,
   ``--benchmark-json`` and ``--benchmark-compare`` see the device times;
 - peak memory of one more call (``torch.cuda.max_memory_allocated``, CUDA only) as its own measurement;
-- the card, its clocks when ``nvidia-smi`` reads them, torch / triton / CUDA versions, dtype, FLOPs, bytes, TFLOP/s and
-  the fraction of the roofline floor (from this run's measured matmul rate and copy bandwidth) in ``extra_info``.
+- the card, its clocks when ``nvidia-smi`` reads them, torch / triton / CUDA versions, dtype, FLOPs, bytes, TFLOP/s and,
+  on a GPU, the fraction of the roofline floor (from this run's measured matmul rate and copy bandwidth; None on CPU)
+  in ``extra_info``.
 
 Modes: ``fwd`` times ``fn(*inputs)``; ``bwd`` runs the forward untimed and times ``out.backward(grad)``; ``fwd_bwd``
 times both; ``train_step`` times ``fn(*inputs)`` as an opaque whole step (forward, backward, optimizer), ``load`` as
@@ -39,7 +40,6 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import torch
@@ -54,7 +54,7 @@ _MAX_INPUT_COPIES = 64
 
 
 class _BenchModule(pytest.Module):
-    """A ``bench_*.py`` file: collects the ``bench_*`` functions (STYLE.md names) it defines, not imported helpers."""
+    """A ``bench_*.py`` file: collects the ``bench_<op>_<mode>`` functions it defines, not imported helpers."""
 
     def funcnamefilter(self, name: str) -> bool:
         return name.startswith("bench_") or super().funcnamefilter(name)
@@ -187,10 +187,13 @@ def _peak_mb(prepare: Callable[[], object], run: Callable[[object], None], devic
 
 
 class Ceilings:
-    """The card's measured matmul rate and copy bandwidth per dtype, for the roofline floor of every row."""
+    """The card's measured matmul rate and copy bandwidth per dtype, for the roofline floor of every GPU row.
 
-    # GPU: large enough to reach the plateau of an H100 (one 8192³ GEMM ≈ 1.1 TFLOP; 1 GiB copied). CPU: a smoke size.
-    _SIZES: ClassVar[dict[str, tuple[int, int]]] = {"cuda": (8192, 2**30), "cpu": (512, 2**24)}
+    Large enough to reach the plateau of an H100 (one 8192³ GEMM ≈ 1.1 TFLOP; 1 GiB copied). A CPU run measures none:
+    a smoke-sized matmul and a cache-resident copy give no plausible ceiling, so CPU rows carry no roofline.
+    """
+
+    _MATMUL_N, _COPY_BYTES = 8192, 2**30
 
     def __init__(self, device: torch.device, budget_s: float):
         self.device, self.budget_s = device, budget_s
@@ -199,7 +202,7 @@ class Ceilings:
     def __call__(self, dtype: torch.dtype) -> tuple[float, float]:
         """(matmul TFLOP/s, copy GB/s) measured once per dtype in this run."""
         if dtype not in self._cache:
-            n, copy_bytes = self._SIZES[self.device.type]
+            n, copy_bytes = self._MATMUL_N, self._COPY_BYTES
             a = torch.randn(n, n, device=self.device, dtype=dtype)
             b = torch.randn(n, n, device=self.device, dtype=dtype)
             mm = statistics.median(_time_calls(lambda: None, lambda _: torch.mm(a, b), self.device, self.budget_s))
@@ -302,8 +305,10 @@ class Bench:
     def _extra_info(self, times, peak_mb, mode, provider, op, shape, dtype, flops, nbytes) -> dict:
         median = statistics.median(times)
         quantiles = statistics.quantiles(times, n=5, method="inclusive")  # cut points at 20, 40, 60, 80 %
-        matmul_tflops, copy_gbps = self.ceilings(dtype)
-        floor_s = max(flops / (matmul_tflops * 1e12), nbytes / (copy_gbps * 1e9))
+        matmul_tflops = copy_gbps = floor_s = None
+        if self.device.type == "cuda":
+            matmul_tflops, copy_gbps = self.ceilings(dtype)
+            floor_s = max(flops / (matmul_tflops * 1e12), nbytes / (copy_gbps * 1e9))
         return {
             "suite": self.suite,
             "op": op,
@@ -324,8 +329,8 @@ class Bench:
             "tflops": flops / median / 1e12,
             "matmul_tflops": matmul_tflops,
             "copy_gbps": copy_gbps,
-            "floor_ms": floor_s * 1e3,
-            "roofline_fraction": floor_s / median,
+            "floor_ms": None if floor_s is None else floor_s * 1e3,
+            "roofline_fraction": None if floor_s is None else floor_s / median,
             **card_info(),
         }
 

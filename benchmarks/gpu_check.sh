@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine, unattended, in under 8 minutes (DESIGN.md §6: torch 2.11, triton 3.6, no pip
-# installs, run from the checkout):
+# The one script to run on a GPU machine, unattended, in under 8 minutes (docs/design.md, 'Pinned versions
+# and environment': torch 2.11, triton 3.6, no pip installs, run from the checkout):
 #   1. print the GPU, driver, torch, triton and CUDA versions;
 #   2. the test suite on the GPU, Triton compiled for real (TRITON_INTERPRET unset), gpu-marked tests included;
 #   3. the kernel suites (benchmarks/bench_mssa.py, bench_ista*.py, when present);
 #   4. the model suites (bench_model.py), most needed first: every layer shape and the CRATE-B/16 training step
 #      uncompiled, the torch.compile rows at CRATE-B/16 (compiling whole models costs minutes, so only the shape of
-#      DESIGN §5's goals), the other presets' training steps, max-autotune last;
+#      the performance goals), the other presets' training steps, max-autotune last;
 #   5. report.py -> benchmarks/results/<card>-<date>/{report.md, summary.json, benchmark.json, plots}, copied with this
 #      script's log to $OUT/<card>-<date>/ when $OUT is set.
 # Each stage gets what is left of the time budget (capped per stage). Benchmark stages get a --bench-deadline ROW_SLACK
@@ -84,7 +84,7 @@ PY
     else
         echo "=== kernel suites: none in benchmarks/ yet"
     fi
-    # Model suites in the order of what the report's headline needs (DESIGN §5 goals at CRATE-B/16): every layer shape
+    # Model suites in the order of what the report's headline needs (the performance goals at CRATE-B/16): every layer shape
     # and the CRATE-B/16 steps uncompiled, then the torch.compile rows at CRATE-B/16, then the other presets' steps,
     # then max-autotune (minutes of autotuning) with whatever time is left.
     local model=benchmarks/bench_model.py

@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RAW_NAME = "benchmark.json"  # the raw pytest-benchmark JSON kept beside the report (the regression gate reads it)
 _REQUIRED = ("suite", "op", "mode", "shape", "dtype", "provider", "ours", "card")
 
-# summary.json, issue 7 item 3: {"card", "date", "rows": [...]}; None where a value was not measured.
+# summary.json: {"card", "date", "rows": [...]}; None where a value was not measured.
 SUMMARY_ROW_TYPES = {
     "suite": str,
     "op": str,
@@ -45,7 +45,7 @@ SUMMARY_ROW_TYPES = {
 
 
 def validate_summary(summary: dict) -> None:
-    """Raise ValueError unless ``summary`` has exactly the schema of issue 7 item 3 (types included)."""
+    """Raise ValueError unless ``summary`` has exactly the schema above (types included)."""
     if not isinstance(summary, dict) or set(summary) != {"card", "date", "rows"}:
         raise ValueError(f"summary must be a dict with keys card, date, rows, got {summary!r:.200}")
     if not isinstance(summary["card"], str) or not isinstance(summary["date"], str):
@@ -190,8 +190,8 @@ def _section_markdown(rows: list[dict]) -> list[str]:
     return lines
 
 
-# DESIGN.md §5 goals (reported, never asserted): (op, mode, metric, target, what it says). Metrics are "higher is
-# better" row values; "peak_vs_eager" is upstream eager's peak memory over ours.
+# The goals of docs/design.md, 'Performance goals' (reported, never asserted): (op, mode, metric, target, what it says).
+# Metrics are "higher is better" row values; "peak_vs_eager" is upstream eager's peak memory over ours.
 GOALS = [
     ("train_step", "train_step", "speedup_vs_eager", 2.0, "training step ≥ 2× upstream eager"),
     ("train_step", "train_step", "speedup_vs_compile", 1.4, "training step ≥ 1.4× torch.compile of upstream"),
@@ -204,14 +204,14 @@ GOALS = [
 
 
 def goal_shape() -> str:
-    """The shape of DESIGN §5's goals: CRATE-B/16 at B = 256."""
+    """The shape of the performance goals: CRATE-B/16 at B = 256."""
     return BenchShape(model_shape("crate_base_patch16_224"), 256).id
 
 
 def _goal_lines(rows: list[dict]) -> list[str]:
     shape = goal_shape()
     lines = [
-        f"## Headline: DESIGN.md §5 goals at {shape}",
+        f"## Headline: the performance goals at {shape}",
         "",
         'Our fastest provider on the goal shape, per goal; reported, not asserted. "not measured": this run has no '
         "such row (no GPU, or the suite was not run).",
@@ -272,17 +272,21 @@ def render_markdown(
         f"- card: **{card}** (device `{first.get('device')}`), clocks: {first.get('clocks') or 'not read'}",
         f"- torch {first.get('torch')}, triton {first.get('triton')}, CUDA {first.get('cuda')}, "
         f"Python {machine.get('python_version', '?')}",
-        f"- ceilings measured in this run: matmul {_fmt(first.get('matmul_tflops'), '.4g')} TFLOP/s "
-        f"({first['dtype']}), copy {_fmt(first.get('copy_gbps'), ',.0f')} GB/s",
         "- times: median of per-call device times (p20–p80 in brackets); TFLOP/s counts the algorithm's minimum FLOPs "
-        "(DESIGN.md §5), the same for every provider; roofline = the floor (FLOPs over the matmul ceiling or bytes "
-        "over the copy ceiling, whichever is larger) over the measured time; × = the other provider's time over this "
-        "one's on the same shape, dtype and mode.",
+        "(docs/design.md), the same for every provider; × = the other provider's time over this one's on the same "
+        "shape, dtype and mode, both measured in this run.",
     ]
-    if first.get("device") != "cuda":
+    if first.get("device") == "cuda":
+        lines += [
+            f"- ceilings measured in this run: matmul {_fmt(first.get('matmul_tflops'), '.4g')} TFLOP/s "
+            f"({first['dtype']}), copy {_fmt(first.get('copy_gbps'), ',.0f')} GB/s; roofline = the floor (FLOPs "
+            "over the matmul ceiling or bytes over the copy ceiling, whichever is larger) over the measured time.",
+        ]
+    else:
         lines.append(
             "- **No GPU in this run**: only CPU providers at small shapes were measured; every GPU row "
-            "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed."
+            "(Triton kernels, torch.compile) was skipped, not measured. These numbers say nothing about GPU speed. "
+            "No roofline: a CPU run measures no ceiling worth dividing by."
         )
     if left_out:
         lines.append(

@@ -1,14 +1,14 @@
-"""What the suites measure: shapes read off the model presets, the providers, and the FLOP/byte counts.
+"""What the suites measure: shapes read off the model presets, the providers, the modes, and the FLOP/byte counts.
 
 Every benchmark shape comes from a preset (never a literal in a bench file): the preset is built on the ``meta``
 device (no memory, no init cost) and its layer sizes are read off the modules, so a preset change moves the benchmarks
 with it. A :class:`BenchShape` is a preset plus a batch size; its id reads like ``crate_b-256x197x768h12``.
 
-FLOPs are the algorithm's minimum (DESIGN.md §5): attention 4·B·H·N²·P forward (half when causal), backward 2.5×
-forward; a GEMM 2·M·N·K, backward twice forward; vanilla ISTA in the one-GEMM M-form (DESIGN §1.2), the overcomplete
-ISTA as its four thin GEMMs. Every provider of a row is credited the same count, so TFLOP/s is effective throughput
-and comparable across providers; the roofline floor is that count over the card's measured matmul rate. Bytes are the
-compulsory traffic (inputs, outputs, parameters and their gradients read or written once), a lower bound.
+FLOPs are the algorithm's minimum (docs/design.md, 'Performance goals'): attention 4·B·H·N²·P forward (half when
+causal), backward 2.5× forward; a GEMM 2·M·N·K, backward twice forward; vanilla ISTA in the one-GEMM M-form, the
+overcomplete ISTA as its four thin GEMMs. Every provider of a row is credited the same count, so TFLOP/s is effective
+throughput and comparable across providers; the roofline floor is that count over the card's measured matmul rate. Bytes
+are the compulsory traffic (inputs, outputs, parameters and their gradients read or written once), a lower bound.
 """
 
 import functools
@@ -27,6 +27,9 @@ from reference import crate_alpha as reference_crate_alpha
 from reference import crate_lm as reference_crate_lm
 
 MODES = ("fwd", "bwd", "fwd_bwd", "train_step", "load")  # load: one batch out of a data loader
+# The op suites' modes, fwd_bwd first: a time-limited run measures the goals' mode before the others.
+OP_MODES = ("fwd_bwd", "fwd", "bwd")
+STEP_SIZE, LAMBD = 0.1, 0.1  # η and λ of the ISTA blocks in every preset
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ UPSTREAM_COMPILE_MAX = Provider("upstream_compile_max_autotune", ours=False, gpu
 TORCH_PATH = Provider("torch_path", ours=True, backend="torch")
 TRITON = Provider("triton", ours=True, gpu_only=True, backend="triton")
 TRITON_COMPILE = Provider("triton_compile", ours=True, gpu_only=True, backend="triton", compile_mode="default")
+# The token GEMM alone (the ISTA suites): the Triton kernel with its epilogue against cuBLAS, both GPU-only.
+CUBLAS = Provider("cublas_matmul", ours=False, gpu_only=True)
+TRITON_GEMM = Provider("triton_gemm", ours=True, gpu_only=True, backend="triton")
 # The report computes "speed-up vs eager" and "vs compile" against these two names.
 EAGER_NAME, COMPILE_NAME = UPSTREAM_EAGER.name, UPSTREAM_COMPILE.name
 
@@ -231,7 +237,7 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-# (preset, batch) per machine. GPU: the batch of DESIGN §5's goals (B = 256 at 224/16); CPU: small enough that a
+# (preset, batch) per machine. GPU: the batch of the performance goals (B = 256 at 224/16); CPU: small enough that a
 # smoke run of every suite takes seconds. Layer- and op-level suites use op_shapes(), whole steps model_shapes().
 # The causal LM runs at its preset context (1024 tokens) with B·N near the vision shapes' token count.
 _VISION = ["crate_tiny_patch16_224", "crate_small_patch16_224", "crate_base_patch16_224", "crate_large_patch16_224",
@@ -251,6 +257,14 @@ def op_shapes() -> list[BenchShape]:
 def model_shapes() -> list[BenchShape]:
     """Shapes for whole-model training steps on this machine."""
     return [BenchShape(model_shape(n), b) for n, b in (_GPU_MODEL if _on_gpu() else _CPU_MODEL)]
+
+
+def headline_first(shapes: list[BenchShape], batches: tuple[int, ...] = (256, 64)) -> list[BenchShape]:
+    """GPU: every shape at each batch in ``batches``, CRATE-B's rows first; CPU: the smoke shapes as they are."""
+    if not _on_gpu():
+        return shapes
+    shapes = [BenchShape(s.model, b) for s in shapes for b in batches]
+    return sorted(shapes, key=lambda s: (not s.model.short.endswith("_b"), -s.B))
 
 
 # The data-loader suite: the loader at 224 px beside the training step of CRATE-T/16 and CRATE-B/16 at one batch.
@@ -305,6 +319,16 @@ def ista_flops(T: int, D: int, mode: str) -> float:
 def ista_overcomplete_flops(T: int, D: int, m: int, mode: str) -> float:
     """Two-step overcomplete ISTA: four thin T×D×m GEMMs forward (yD, a₁Dᵀ, (·)D, a₂D_outᵀ), twice that backward."""
     return 4.0 * gemm_flops(T, m, D, mode)
+
+
+def time_gemm(bench, op: str, shape: BenchShape, dtype: torch.dtype, provider: Provider, make_inputs, fused) -> None:
+    """The main token GEMM alone: ``fused(a, b)`` (the Triton kernel with its epilogue) or ``torch.matmul(a, b)``."""
+    a, b = make_inputs()
+    (M, K), N = a.shape, b.shape[1]
+    fn = fused if provider is TRITON_GEMM else torch.matmul
+    nbytes = (M * K + K * N + M * N) * (torch.finfo(dtype).bits // 8)
+    bench(fn, make_inputs, mode="fwd", provider=provider, op=op, shape=shape, dtype=dtype, flops=2.0 * M * N * K,
+          nbytes=nbytes)  # fmt: skip
 
 
 def layer_flops(shape: BenchShape, mode: str) -> float:

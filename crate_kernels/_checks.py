@@ -31,3 +31,11 @@ def check_same(name: str, t: torch.Tensor, like_name: str, like: torch.Tensor) -
 def check_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], meaning: str) -> None:
     if tuple(t.shape) != tuple(expected):
         raise ValueError(f"{name} must have shape {tuple(expected)} ({meaning}), got {tuple(t.shape)}")
+
+
+def check_ndim(name: str, t: object, ndim: int, meaning: str) -> None:
+    """``t`` is a tensor (of any dtype) with ``ndim`` dimensions; ``meaning`` names them, e.g. "(B, N, D) tokens"."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {meaning}, got {tuple(t.shape)}")

@@ -48,6 +48,13 @@ def register_kernel_limits(op: str, limits: Callable[..., list[str]]) -> None:
     _kernel_limits[op] = limits
 
 
+def kernel_limits(op: str, *args, **kwargs) -> list[str]:
+    """Every reason the Triton kernel of ``op`` refuses these arguments, as the op declared (environment aside)."""
+    if op not in _kernel_limits:
+        return [f"crate_kernels has no Triton kernel for {op!r}"]
+    return _kernel_limits[op](*args, **kwargs)
+
+
 def _environment_reasons(tensors: list[torch.Tensor]) -> list[str]:
     reasons = []
     if importlib.util.find_spec("triton") is None:
@@ -62,10 +69,7 @@ def _environment_reasons(tensors: list[torch.Tensor]) -> list[str]:
 def not_supported_reasons(op: str, *args, **kwargs) -> list[str]:
     """Every reason the Triton kernel of ``op`` cannot run on these arguments (empty when it can)."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-    reasons = _environment_reasons(tensors)
-    if op not in _kernel_limits:
-        return [*reasons, f"crate_kernels has no Triton kernel for {op!r}"]
-    return reasons + _kernel_limits[op](*args, **kwargs)
+    return _environment_reasons(tensors) + kernel_limits(op, *args, **kwargs)
 
 
 def use_triton(op: str, *args, **kwargs) -> bool:

@@ -1,6 +1,6 @@
 """The CRATE classifier (upstream model/crate.py): patch embedding, L layers of MSSA + ISTA, class-token head.
 
-Attribute names give exactly the upstream state_dict keys (DESIGN.md §1.4).
+Attribute names give exactly the upstream state_dict keys (docs/design.md, 'The model family').
 """
 
 import torch

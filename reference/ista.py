@@ -32,7 +32,7 @@ def ista_overcomplete_ref(
     lambd: float = 0.1,
     residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Two ISTA steps from zero on an overcomplete dictionary, then synthesis (DESIGN.md §1.3).
+    """Two ISTA steps from zero on an overcomplete dictionary, then synthesis (docs/design.md, 'Overcomplete ISTA').
 
     ``a₁ = relu(η x D − ηλ)``, ``a₂ = relu(a₁ − η (a₁ Dᵀ − x) D − ηλ)``, ``out = a₂ D_outᵀ (+ residual)``.
 

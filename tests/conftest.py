@@ -8,7 +8,8 @@ import crate_kernels
 
 def _backport_interpreter_index() -> None:
     """Triton 3.6's interpreter turns loop bounds into Python ints with ``__index__``, which numpy >= 2.4 refuses for
-    1-element arrays; triton 3.7 squeezes first. Same fix, applied to the class the interpreter patches (DESIGN §6)."""
+    1-element arrays; triton 3.7 squeezes first. Same fix, applied to the class the interpreter patches (docs/design.md,
+    'Pinned versions')."""
     try:
         from triton.runtime import interpreter
     except ImportError:

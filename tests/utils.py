@@ -1,9 +1,14 @@
-"""Shared test tools: the tolerance table, the comparison rule against reference/, shape lists with readable ids."""
+"""Shared test tools: the tolerance table, the comparison rule against reference/, the parameters every op suite
+shares (backends, dtypes, random seeds), shape lists with readable ids, compiling for Hopper without a GPU."""
 
 import os
 from typing import NamedTuple
 
+import pytest
 import torch
+
+import crate_kernels
+from crate_kernels import backend
 
 
 class Tolerance(NamedTuple):
@@ -12,7 +17,7 @@ class Tolerance(NamedTuple):
     floor: float  # least absolute slack added to twice the low-precision reference's error (rule a)
 
 
-# DESIGN.md §4 (b): per-dtype ceilings (xformers' attention numbers), forward and backward.
+# Rule (b) of docs/design.md, 'Numerics rules': per-dtype ceilings (xformers' attention numbers), forward and backward.
 TOLERANCES: dict[tuple[torch.dtype, str], Tolerance] = {
     (torch.float64, "fwd"): Tolerance(1e-10, 1e-10, 1e-12),
     (torch.float64, "bwd"): Tolerance(1e-10, 1e-10, 1e-12),
@@ -38,7 +43,7 @@ def assert_close_to_ref(
     *,
     kind: str = "fwd",
 ) -> None:
-    """DESIGN §4: ``actual`` (any dtype) against ``expected`` (reference in fp64).
+    """``actual`` (any dtype) against ``expected`` (reference in fp64), by docs/design.md, 'Numerics rules'.
 
     (a) error ≤ 2 × error of ``low_precision_ref`` (the reference run in actual's dtype) + floor, when given;
     (b) |actual − expected| ≤ atol + rtol·|expected| with the dtype's ceilings.
@@ -76,6 +81,25 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+BACKENDS = ["torch", "triton"]
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 20 seeded random shapes everywhere, 200 on a GPU.
+RANDOM_SEEDS = [*range(20), *(pytest.param(s, marks=pytest.mark.gpu) for s in range(20, 200))]
+
+
+def dtype_params(gpu_only: tuple[torch.dtype, ...] = ()) -> list:
+    """``KERNEL_DTYPES`` as pytest params with readable ids (fp32, fp16, bf16); those in ``gpu_only`` marked ``gpu``."""
+    ids = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    return [pytest.param(d, id=ids[d], marks=[pytest.mark.gpu] if d in gpu_only else []) for d in KERNEL_DTYPES]
+
+
+def use_backend(name: str) -> None:
+    """Select a backend; "triton" needs CUDA or the interpreter, exactly as the dispatch rule says (else skip)."""
+    if name == "triton" and not (torch.cuda.is_available() or backend.interpreting()):
+        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+    crate_kernels.set_backend(name)
+
+
 def compile_for_hopper(
     kernel,
     types: dict[str, str],
@@ -106,11 +130,16 @@ def compile_for_hopper(
 HOPPER_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
-def hopper_shared_memory(kernel, types: dict[str, str], constexprs: dict[str, object], config) -> int:
-    """Bytes of shared memory ``kernel`` takes at one autotune ``config`` compiled for sm_90 (a launch above
-    ``HOPPER_MAX_SHARED`` fails with OutOfResources); same rules as ``compile_for_hopper``."""
-    constexprs = constexprs | config.kwargs
-    return compile_for_hopper(kernel, types, constexprs, config.num_warps, config.num_stages, shared_memory=True)
+def assert_configs_fit_hopper(
+    kernel, types: dict[str, str], constexprs: dict[str, object], configs: list, what: str = ""
+) -> None:
+    """Every autotune config in ``configs``, compiled for sm_90, takes at most ``HOPPER_MAX_SHARED`` bytes of shared
+    memory (a launch above it fails with OutOfResources); same rules as ``compile_for_hopper``."""
+    for config in configs:
+        shared = compile_for_hopper(
+            kernel, types, constexprs | config.kwargs, config.num_warps, config.num_stages, shared_memory=True
+        )
+        assert shared <= HOPPER_MAX_SHARED, f"{what}{config}: {shared} B of shared memory"
 
 
 def run_without_interpreter(code: str) -> None:

@@ -1,10 +1,10 @@
 """Autotune configurations shared by the kernels: small named generators, each with its prune function.
 
 Under ``TRITON_INTERPRET=1`` every generator returns ONE config: the interpreter cannot benchmark (two or more configs
-fail with '0 active drivers', DESIGN §6) and it costs ≈ 2–4 ms per program × tile, so that config takes large blocks.
-``CRATE_KERNELS_AUTOTUNE=0`` (read at import) keeps one safe default config on GPU too: test suites that meet many
-distinct shapes would otherwise benchmark every config for each. Tests that need small blocks (multi-tile loops,
-masked tails) swap an autotuned kernel's ``configs`` list.
+fail with '0 active drivers'; docs/design.md, 'The Triton interpreter') and it costs ≈ 2–4 ms per program × tile, so
+that config takes large blocks. ``CRATE_KERNELS_AUTOTUNE=0`` (read at import) keeps one safe default config on GPU too:
+test suites that meet many distinct shapes would otherwise benchmark every config for each. Tests that need small blocks
+(multi-tile loops, masked tails) swap an autotuned kernel's ``configs`` list.
 """
 
 import itertools

@@ -1,4 +1,6 @@
-"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops (DESIGN §1.2, §1.3).
+"""ISTA kernels: ONE GEMM with a fused epilogue serves every token-sized product of both ISTA ops.
+
+docs/design.md, 'The GEMM with epilogue'.
 
 ``C = relu?(alpha · op(A) · op(B) + R − threshold)`` where each operand may be *gated*: an element is replaced by 0
 where a gate tensor of the operand's shape is ≤ 0. The gate is the relu mask of a saved activation, applied as the
@@ -9,7 +11,18 @@ Square ISTA (``ops/ista.py``), with M = η(D − DᵀD) and tokens as rows:
     forward   out = relu(x·M + x − ηλ)                    A = x, B = M, R = x, threshold ηλ, relu
     backward  dx  = g·Mᵀ + g,  g = dOut ∘ 1[out > 0]      A = dOut gated by out, B = Mᵀ, R = dOut gated by out
               C   = xᵀ·g (split-K over the tokens)        A = xᵀ, B = dOut gated by out
-The overcomplete chain (``kernels/ista_overcomplete.py``) uses the same kernel for its eleven products.
+Overcomplete ISTA (``ops/ista_overcomplete.py``), tokens as rows (T = B·N), D (D, m), m = 4D atoms; DᵀD is never
+formed, and step 2's ``η·xD − η(a₁Dᵀ)D`` is taken as ``η(x − a₁Dᵀ)D`` (no (T, m) xD buffer, upstream's rounding):
+    forward   a₁  = relu(η · x·D − ηλ)             A = x, B = D, alpha η, threshold ηλ, relu
+              r   = x − a₁·Dᵀ                      A = a₁, B = Dᵀ (a view), alpha −1, R = x
+              a₂  = relu(a₁ + η · r·D − ηλ)        A = r, B = D, alpha η, R = a₁, threshold ηλ, relu
+              out = a₂·D_outᵀ (+ residual)         A = a₂, B = D_outᵀ, R = residual
+    backward  da₂ = dO·D_out                       stored ungated; g₂ = da₂ ∘ 1[a₂ > 0] is applied by its readers
+              dr  = η · g₂·Dᵀ                      A = da₂ gated by a₂
+              da₁ = g₂ − dr·D                      alpha −1, R = da₂ gated by a₂; g₁ = da₁ ∘ 1[a₁ > 0]
+              dx  = dr + η · g₁·Dᵀ                 A = da₁ gated by a₁, R = dr
+              dD  = η·rᵀg₂ − drᵀa₁ + η·xᵀg₁        three split-K products into one buffer of partials, one sum
+              dD_out = dOᵀa₂                       split-K
 
 Program map: program (t, s) owns output tile t (BLOCK_M × BLOCK_N; tiles in grouped order, GROUP_M row-tiles share
 each column sweep so the B tiles stay in L2) and the reduction slice [s·K_PER_SPLIT, (s+1)·K_PER_SPLIT). Without
@@ -19,10 +32,11 @@ written through their two strides (a transposed operand is a view, a stride-0 ``
 offsets are int64 (B·N·m passes 2³¹ for long sequences). Every load and store is masked: M, N, K need not be
 multiples of the blocks, and blocks are ≥ 16 so that every ``tl.dot`` dimension is ≥ 16 (padding rows/columns read 0).
 
-Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16
-``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store.
-``UPCAST`` converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic, DESIGN §4).
-``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32 matmul precision).
+Numerics: fp32 accumulation, alpha / threshold cast to fp32 in the kernel, the residual added in fp32 (in bf16,
+``x + small`` would lose the small part: this is why the identity stays out of M), one cast at the store. ``UPCAST``
+converts fp16/bf16 tiles to fp32 when interpreting (the interpreter has no bf16 arithmetic: docs/design.md, 'The
+Triton interpreter'). ``DOT_PRECISION`` is "ieee" or "tf32" for fp32 operands (the launcher follows torch's fp32
+matmul precision).
 """
 
 import triton
@@ -79,17 +93,17 @@ def _ista_gemm_kernel(
     stride_cn,
     alpha,  # scales the product
     threshold,  # subtracted after the residual is added
-    A_GATED: tl.constexpr,
+    A_GATED: tl.constexpr,  # read A through its gate
     B_GATED: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     R_GATED: tl.constexpr,
-    RELU: tl.constexpr,
+    RELU: tl.constexpr,  # relu after the threshold
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # reduction step
+    GROUP_M: tl.constexpr,  # row-tiles per column sweep (grouped order)
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -127,10 +141,10 @@ def _ista_gemm_kernel(
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         if A_GATED:
-            a = _gate(a, ag_ptrs, mask_a, UPCAST)
+            a = _gate(a, ag_ptrs, mask_a, UPCAST=UPCAST)
             ag_ptrs += BLOCK_K * stride_agk
         if B_GATED:
-            b = _gate(b, bg_ptrs, mask_b, UPCAST)
+            b = _gate(b, bg_ptrs, mask_b, UPCAST=UPCAST)
             bg_ptrs += BLOCK_K * stride_bgk
         acc = tl.dot(a, b, acc=acc, input_precision=DOT_PRECISION, out_dtype=tl.float32)
         a_ptrs += BLOCK_K * stride_ak
@@ -143,9 +157,8 @@ def _ista_gemm_kernel(
         residual = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn, mask=mask_c, other=0.0)
         residual = residual.to(tl.float32)
         if R_GATED:
-            residual = _gate(
-                residual, r_gate_ptr + offs_m[:, None] * stride_rgm + offs_n[None, :] * stride_rgn, mask_c, True
-            )
+            rg_ptrs = r_gate_ptr + offs_m[:, None] * stride_rgm + offs_n[None, :] * stride_rgn
+            residual = _gate(residual, rg_ptrs, mask_c, UPCAST=True)  # an fp32 tile: compare its gate in fp32 too
         acc += residual
     acc = acc - tl.cast(threshold, tl.float32)
     if RELU:

@@ -1,4 +1,6 @@
-"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11, DESIGN §1.1).
+"""MSSA core kernels: ``O = softmax(s · W Wᵀ) W`` per (batch, head), W the ONE projection (paper eq. 11).
+
+The math: docs/design.md, 'MSSA forward' and 'MSSA backward'.
 
 Forward (``_mssa_fwd_kernel``): program (m, b·H + h) owns query rows [m·BLOCK_M, (m+1)·BLOCK_M) of head (b, h). It
 loads its W rows once as queries, then streams key blocks of W: each W tile is loaded ONCE and used as key (scores)
@@ -17,10 +19,11 @@ band. Offsets that scale with B, H or N are int64 (pointer bases, running pointe
 
 Limits: P ≤ 128 (one padded tile of P_PAD = next power of two ≥ 16 columns); fp32 / fp16 / bf16 inputs. ``UPCAST``
 converts loaded tiles to fp32 and rounds bf16 stores to nearest: the interpreter has no bf16 arithmetic and its bf16
-cast truncates (DESIGN §4). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or "tf32" for fp32 inputs, following
-``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the probabilities cast to the input
-dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no additive float mask); dW uses
-Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic, rounded differently.
+cast truncates (docs/design.md, 'The Triton interpreter'). ``DOT_PRECISION`` is "ieee" (exact fp32, the default) or
+"tf32" for fp32 inputs, following ``torch.get_float32_matmul_precision()``; fp16/bf16 dots use tensor cores with the
+probabilities cast to the input dtype, as FlashAttention does. Differences from ``reference/``: bool masks only (no
+additive float mask); dW uses Δ = rowsum(dO ∘ O) instead of autograd's rowsum(dP ∘ A), equal in exact arithmetic,
+rounded differently.
 """
 
 import triton
@@ -32,6 +35,13 @@ LOG2E = tl.constexpr(1.4426950408889634)
 # Sizes are not specialised (N = 1, N % 16): one compiled kernel serves every N; strides keep their specialisation
 # (stride 1 and 16-divisibility decide vectorised loads).
 _SIZES = ["H", "N", "P"]
+
+
+@triton.jit
+def _program_head(H):
+    """The head of program (m, b·H + h), as every kernel here maps them: b·H + h, and b, h in int64 (pointer bases)."""
+    pid_bh = tl.program_id(1)
+    return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
 @triton.jit
@@ -124,27 +134,24 @@ def _mssa_fwd_kernel(
     stride_oh,
     stride_on,
     stride_op,
-    stride_mb,
+    stride_mb,  # 0 where the mask broadcasts
     stride_mh,
     stride_mi,
     stride_mj,
-    H,
+    H,  # heads: program_id(1) = b·H + h
     N,
     P,
     scale,  # s, multiplies W Wᵀ
-    P_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,  # P rounded up to a power of two ≥ 16: the columns of every tile
     IS_CAUSAL: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,  # read Mask (else it is never touched)
+    UPCAST: tl.constexpr,  # compute on fp32 copies of loaded tiles (ops/launch.py)
+    DOT_PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots (ops/launch.py)
+    BLOCK_M: tl.constexpr,  # query rows a program owns
+    BLOCK_N: tl.constexpr,  # key rows per inner step
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h = _program_head(H)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     qk_scale = tl.cast(scale, tl.float32) * LOG2E  # a caller may pass a float64 scalar
@@ -161,21 +168,23 @@ def _mssa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, P_PAD], dtype=tl.float32)
     if IS_CAUSAL:
-        # Key blocks wholly left of this row block need no causal test; the band [band_lo, end) does; none after.
         band_lo = (start_m // BLOCK_N) * BLOCK_N
         hi = tl.minimum(start_m + BLOCK_M, N)
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # key blocks wholly left of these rows: no causal test
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, band_lo, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # the diagonal band [band_lo, hi): j ≤ i tested; no key block after it
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, band_lo, hi, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, True, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=True, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
-        acc, m_i, l_i = _mssa_fwd_tiles(
+        acc, m_i, l_i = _mssa_fwd_tiles(  # every key block
             acc, m_i, l_i, w_i, offs_m, offs_p, w_head, mask_head, 0, N, N, P, qk_scale,
-            stride_wn, stride_wp, stride_mi, stride_mj, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            stride_wn, stride_wp, stride_mi, stride_mj,
+            CAUSAL=False, HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
 
     empty = l_i == 0.0  # every key masked: output 0 and lse +inf, so the backward sees probabilities 0
@@ -183,7 +192,7 @@ def _mssa_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(l_safe))
     out_ptrs = Out + b * stride_ob + h * stride_oh + rows * stride_on + offs_p[None, :] * stride_op
-    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST), mask=tile_mask)
+    tl.store(out_ptrs, _to_store_dtype(acc, Out.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)
     tl.store(Lse + pid_bh.to(tl.int64) * N + offs_m, lse, mask=offs_m < N)
 
 
@@ -207,11 +216,8 @@ def _mssa_bwd_delta_kernel(
     BLOCK_M: tl.constexpr,
 ):
     """Δ_i = Σ_p dO_ip O_ip, once per row, so the main backward reads it instead of recomputing it per key block."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_bh, b, h = _program_head(H)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     rows = offs_m.to(tl.int64)[:, None]
     tile_mask = (offs_m[:, None] < N) & (offs_p[None, :] < P)
@@ -337,13 +343,13 @@ def _mssa_bwd_kernel(
     N,
     P,
     scale,
-    P_PAD: tl.constexpr,
+    P_PAD: tl.constexpr,  # the constexprs are the forward's
     IS_CAUSAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of dW a program owns
+    BLOCK_N: tl.constexpr,  # rows J per inner step
 ):
     """dW for rows I = [m·BLOCK_M, (m+1)·BLOCK_M) of head (b, h), in ONE fp32 tile stored once: no atomics, no
     second pass, deterministic.
@@ -365,11 +371,8 @@ def _mssa_bwd_kernel(
     tests j ≤ i and i ≤ j. Every (i, j) pair with a nonzero probability is visited once per role, nothing else.
     A fully masked row i has lse_i = +inf and O_i = 0, so its A row is 0 and its dS row is 0, as in SDPA.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m * BLOCK_M
+    pid_bh, b, h = _program_head(H)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_p = tl.arange(0, P_PAD)
     scale = tl.cast(scale, tl.float32)
@@ -394,26 +397,30 @@ def _mssa_bwd_kernel(
     if IS_CAUSAL:
         band_lo = (start_m // BLOCK_N) * BLOCK_N
         band_hi = band_lo + tl.cdiv(tl.minimum(start_m + BLOCK_M, N) - band_lo, BLOCK_N) * BLOCK_N
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # blocks J wholly left of I: I's rows act as queries only
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, band_lo, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, False, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=False, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # the diagonal band: both roles, with the element tests j ≤ i and i ≤ j
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_lo, band_hi, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, True, True, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=True, CAUSAL=True,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # blocks J wholly right of I: I's rows act as keys and values only
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             band_hi, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            False, True, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=False, KEY=True, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     else:
-        acc = _mssa_bwd_tiles(
+        acc = _mssa_bwd_tiles(  # every block J, both roles
             acc, w_i, do_i, lse_i, delta_i, offs_m, offs_p, w_head, do_head, lse_head, delta_head, mask_head,
             0, N, N, P, scale, qk_scale, stride_wn, stride_wp, stride_dn, stride_dp, stride_mi, stride_mj,
-            True, True, False, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_N,
+            QUERY=True, KEY=True, CAUSAL=False,
+            HAS_MASK=HAS_MASK, UPCAST=UPCAST, DOT_PRECISION=DOT_PRECISION, BLOCK_N=BLOCK_N,
         )  # fmt: skip
     dw_ptrs = dW + b * stride_gb + h * stride_gh + rows * stride_gn + offs_p[None, :] * stride_gp
-    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST), mask=tile_mask)
+    tl.store(dw_ptrs, _to_store_dtype(acc, dW.dtype.element_ty, UPCAST=UPCAST), mask=tile_mask)

@@ -1,173 +1,18 @@
-"""The CRATE classifier (upstream ``model/crate.py``) and the pieces every CRATE family member shares.
+"""The CRATE classifier (upstream ``model/crate.py``).
 
-Attribute names give exactly upstream's state_dict keys (DESIGN.md §1.4): ``to_patch_embedding.{1,2,3}``,
-``pos_embedding``, ``cls_token``, ``transformer.layers.{i}.{0,1}.{norm,fn}``, ``mlp_head.{0,1}``.
+Keys equal upstream's: ``to_patch_embedding.{1,2,3}``, ``pos_embedding``, ``cls_token``,
+``transformer.layers.{i}.{0,1}.{norm,fn}``, ``mlp_head.{0,1}``.
 """
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from crate_kernels.modules import ISTA, MSSA
-
-
-def rename_prefixes(state: Mapping[str, torch.Tensor], pairs: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
-    """A state_dict whose keys starting with a source prefix start with its target instead.
-
-    ``pairs``: (source, target) prefixes; ``{i}`` stands for a layer index, carried from source to target.
-    Keys no pair matches are kept.
-    """
-    rules = [
-        (re.compile("^" + re.escape(src).replace(re.escape("{i}"), r"(\d+)")), dst.replace("{i}", r"\1"))
-        for src, dst in pairs
-    ]
-    renamed = {}
-    for key, value in state.items():
-        for pattern, replacement in rules:
-            key, found = pattern.subn(replacement, key)
-            if found:
-                break
-        renamed[key] = value
-    return renamed
+from crate_kernels.models.common import ImageClassifier, Patchify, crate_transformer
 
 
-def pair(t: int | tuple[int, int]) -> tuple[int, int]:
-    return t if isinstance(t, tuple) else (t, t)
-
-
-def check_image_config(image_size: int | tuple[int, int], patch_size: int | tuple[int, int]) -> tuple[int, int]:
-    """(grid height, grid width) of patches; ValueError when the image does not split into whole patches."""
-    (ih, iw), (ph, pw) = pair(image_size), pair(patch_size)
-    if min(ih, iw, ph, pw) < 1:
-        raise ValueError(f"image_size and patch_size must be positive, got {image_size} and {patch_size}")
-    if ih % ph or iw % pw:
-        raise ValueError(f"image_size {image_size} must be divisible by patch_size {patch_size}")
-    return ih // ph, iw // pw
-
-
-def check_images(images: torch.Tensor, channels: int, image_size: int | tuple[int, int]) -> None:
-    expected = (channels, *pair(image_size))
-    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
-        raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
-
-
-class PreNorm(nn.Module):
-    """``fn(LN(x), **kwargs)``: upstream's pre-norm wrapper (keys ``norm.*`` and ``fn.*``)."""
-
-    def __init__(self, dim: int, fn: nn.Module, eps: float = 1e-5):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        return self.fn(self.norm(x), **kwargs)
-
-
-class Patchify(nn.Module):
-    """(B, C, H, W) → (B, L, p1·p2·C) in einops ``'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'`` order; no parameters."""
-
-    def __init__(self, patch_height: int, patch_width: int):
-        super().__init__()
-        self.p1, self.p2 = patch_height, patch_width
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        B, C, Hi, Wi = images.shape
-        x = images.reshape(B, C, Hi // self.p1, self.p1, Wi // self.p2, self.p2)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (Hi // self.p1) * (Wi // self.p2), self.p1 * self.p2 * C)
-
-
-class Transformer(nn.Module):
-    """``depth`` CRATE layers; ``layers[i] = [PreNorm(attention), PreNorm(ista)]`` as upstream.
-
-    Each layer: ``z_half = z + attn(LN₁(z))``, then ``z_next = ista(LN₂(z_half))``, or with ``ista_residual``
-    (CRATE-α) ``z_next = z_half + ista(LN₂(z_half))`` with the residual fused into the ISTA op. Subclasses with
-    another layer equation (the CRATE-MAE decoder) override ``_layer``.
-
-    Args:
-        dim: D. depth: number of layers.
-        pair: builds one layer's two inner modules, each wrapped in a PreNorm (called ``depth`` times); with
-            ``ista_residual`` the second one's forward takes ``residual=``.
-        eps: LayerNorm epsilon (1e-5; 1e-6 in CRATE-α).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        pair: Callable[[], tuple[nn.Module, nn.Module]],
-        *,
-        eps: float = 1e-5,
-        ista_residual: bool = False,
-    ):
-        super().__init__()
-        self.dim = dim
-        self.depth = depth
-        self.ista_residual = ista_residual
-        self.grad_checkpointing = False
-        self.layers = nn.ModuleList(nn.ModuleList(PreNorm(dim, fn, eps) for fn in pair()) for _ in range(depth))
-
-    def _layer(self, attn: PreNorm, ff: PreNorm, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        z_half = x + attn(x, attn_mask=attn_mask)
-        return ff(z_half, residual=z_half) if self.ista_residual else ff(z_half)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, D) → (B, N, D); attn_mask as ``crate_kernels.mssa``."""
-        for first, second in self.layers:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(self._layer, first, second, x, attn_mask, use_reentrant=False)
-            else:
-                x = self._layer(first, second, x, attn_mask)
-        return x
-
-
-def crate_transformer(
-    dim: int, depth: int, heads: int, dim_head: int, dropout: float = 0.0, ista: float = 0.1, lambd: float = 0.1
-) -> Transformer:
-    """Vanilla CRATE layers: MSSA with out bias, square ISTA (η = ``ista``, λ = ``lambd``), no ISTA residual."""
-    return Transformer(
-        dim,
-        depth,
-        lambda: (
-            MSSA(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-            ISTA(dim, dim, dropout=dropout, step_size=ista, lambd=lambd),
-        ),
-    )
-
-
-class ClassifierHooks:
-    """timm-style hooks shared by the classifiers; the class defines ``forward_features``, ``pool``, ``mlp_head``,
-    ``transformer``, ``pos_embedding`` and ``cls_token``."""
-
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """features: (B, 1 + L, D) → logits (B, num_classes), or the pooled (B, D) before ``mlp_head``."""
-        x = features.mean(dim=1) if self.pool == "mean" else features[:, 0]
-        x = self.to_latent(x)
-        return x if pre_logits else self.mlp_head(x)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, C, H, W) → logits (B, num_classes)."""
-        return self.forward_head(self.forward_features(images))
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh ``mlp_head.1`` for ``num_classes`` outputs (0: Identity, the head returns normalised features)."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
-        dim = self.mlp_head[0].normalized_shape[0]
-        self.num_classes = num_classes
-        self.mlp_head[1] = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
-
-    def no_weight_decay(self) -> set[str]:
-        return {"pos_embedding", "cls_token"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each layer in backward (``torch.utils.checkpoint``, non-reentrant)."""
-        self.transformer.grad_checkpointing = enable
-
-
-class CRATE(ClassifierHooks, nn.Module):
+class CRATE(ImageClassifier):
     """The vanilla CRATE classifier, upstream's constructor and keys.
 
     Args:
@@ -193,31 +38,14 @@ class CRATE(ClassifierHooks, nn.Module):
         emb_dropout: float = 0.0,
         ista: float = 0.1,
     ):
-        super().__init__()
-        grid_h, grid_w = check_image_config(image_size, patch_size)
-        if pool not in {"cls", "mean"}:
-            raise ValueError(f"pool must be 'cls' (class token) or 'mean' (mean pooling), got {pool!r}")
-        patch_height, patch_width = pair(patch_size)
-        patch_dim = channels * patch_height * patch_width
-        self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
-        self.num_classes = num_classes
-        self.to_patch_embedding = nn.Sequential(
-            Patchify(patch_height, patch_width),
-            nn.LayerNorm(patch_dim),
-            nn.Linear(patch_dim, dim),
-            nn.LayerNorm(dim),
-        )
-        self.pos_embedding = nn.Parameter(torch.randn(1, grid_h * grid_w + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(emb_dropout)
-        self.transformer = crate_transformer(dim, depth, heads, dim_head, dropout, ista=ista)
-        self.pool = pool
-        self.to_latent = nn.Identity()
-        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        layers = partial(crate_transformer, dim, depth, heads, dim_head, dropout, ista=ista)
+        super().__init__(image_size, patch_size, channels, dim, emb_dropout, layers, pool, num_classes)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, C, H, W) → tokens after the last layer (B, 1 + L, D), class token first."""
-        check_images(images, self.channels, self.image_size)
-        x = self.to_patch_embedding(images)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
-        return self.transformer(self.dropout(x))
+    def _build_patch_embedding(self, patch: tuple[int, int], channels: int, dim: int) -> None:
+        patch_dim = channels * patch[0] * patch[1]
+        self.to_patch_embedding = nn.Sequential(
+            Patchify(*patch), nn.LayerNorm(patch_dim), nn.Linear(patch_dim, dim), nn.LayerNorm(dim)
+        )
+
+    def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
+        return self.to_patch_embedding(images)

@@ -10,39 +10,31 @@ Layout: the family's (``transformer.layers.{i}.{0,1}.{norm,fn}``, plus ``wte``, 
 """
 
 import math
-from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crate_kernels.models.crate import Transformer, rename_prefixes
+from crate_kernels.models.common import GradCheckpointing, KeyLayout, Transformer
 from crate_kernels.modules import MSSA, OvercompleteISTA
 
-# (ours, crate-lm) key prefixes; {i} is the layer index.
-_KEY_PAIRS = [
-    ("wte.", "transformer.wte."),
-    ("wpe.", "transformer.wpe."),
-    ("ln_f.", "transformer.ln_f."),
-    ("transformer.layers.{i}.0.norm.", "transformer.h.{i}.prenorm_1."),
-    ("transformer.layers.{i}.0.fn.qkv.", "transformer.h.{i}.attn.c_attn."),
-    ("transformer.layers.{i}.0.fn.to_out.0.", "transformer.h.{i}.attn.c_proj."),
-    ("transformer.layers.{i}.1.norm.", "transformer.h.{i}.prenorm_2."),
-    ("transformer.layers.{i}.1.fn.", "transformer.h.{i}.ista."),
-]
+UPSTREAM_KEYS = KeyLayout(
+    [
+        ("wte.", "transformer.wte."),
+        ("wpe.", "transformer.wpe."),
+        ("ln_f.", "transformer.ln_f."),
+        ("transformer.layers.{i}.0.norm.", "transformer.h.{i}.prenorm_1."),
+        ("transformer.layers.{i}.0.fn.qkv.", "transformer.h.{i}.attn.c_attn."),
+        ("transformer.layers.{i}.0.fn.to_out.0.", "transformer.h.{i}.attn.c_proj."),
+        ("transformer.layers.{i}.1.norm.", "transformer.h.{i}.prenorm_2."),
+        ("transformer.layers.{i}.1.fn.", "transformer.h.{i}.ista."),
+    ]
+)
+from_upstream_state_dict = UPSTREAM_KEYS.to_ours  # crate-lm keys (transformer.h.{i}.attn.c_attn.*) → ours
+to_upstream_state_dict = UPSTREAM_KEYS.to_upstream
 
 
-def from_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """crate-lm keys (``transformer.h.{i}.attn.c_attn.weight``, ...) → ``CRATELM`` / ``CRATEMLM`` keys."""
-    return rename_prefixes(state, [(theirs, ours) for ours, theirs in _KEY_PAIRS])
-
-
-def to_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``CRATELM`` / ``CRATEMLM`` keys → crate-lm keys."""
-    return rename_prefixes(state, _KEY_PAIRS)
-
-
-class _CRATETextModel(nn.Module):
+class _CRATETextModel(GradCheckpointing, nn.Module):
     """Token and position embeddings → CRATE layers → final LayerNorm → tied unembedding.
 
     Args:
@@ -122,9 +114,6 @@ class _CRATETextModel(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """None beyond the 1-D parameters: crate-lm decays every matrix, embeddings included."""
         return set()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
 
 
 class CRATELM(_CRATETextModel):

@@ -11,40 +11,33 @@ here the layers follow the family's layout (``transformer.layers.{i}.*``, ``deco
 is upstream's. ``from_upstream_state_dict`` / ``to_upstream_state_dict`` convert between the two.
 """
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn import init
 
-from crate_kernels.models.crate import (
+from crate_kernels.models.common import (
+    ClassifierHooks,
+    KeyLayout,
     Patchify,
     PreNorm,
     Transformer,
     check_image_config,
     check_images,
+    check_pool,
     crate_transformer,
     pair,
-    rename_prefixes,
 )
 from crate_kernels.modules import MSSA
 
-# (ours, upstream) key prefixes; {i} is the layer index.
-_KEY_PAIRS = [
-    ("transformer.layers.{i}.", "blocks.{i}.layers.0."),
-    ("decoder.layers.{i}.", "decoder_blocks.{i}.layers.0."),
-]
-
-
-def from_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Upstream CRATE-MAE keys (``blocks.{i}.layers.0.*``) → ``CRATEMAE`` keys (``transformer.layers.{i}.*``)."""
-    return rename_prefixes(state, [(theirs, ours) for ours, theirs in _KEY_PAIRS])
-
-
-def to_upstream_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``CRATEMAE`` keys → upstream CRATE-MAE keys."""
-    return rename_prefixes(state, _KEY_PAIRS)
+UPSTREAM_KEYS = KeyLayout(
+    [
+        ("transformer.layers.{i}.", "blocks.{i}.layers.0."),
+        ("decoder.layers.{i}.", "decoder_blocks.{i}.layers.0."),
+    ]
+)
+from_upstream_state_dict = UPSTREAM_KEYS.to_ours  # upstream CRATE-MAE keys (blocks.{i}.layers.0.*) → CRATEMAE keys
+to_upstream_state_dict = UPSTREAM_KEYS.to_upstream
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -97,7 +90,7 @@ class DecoderTransformer(Transformer):
         return y_half - attn(y_half, attn_mask=attn_mask)
 
 
-class CRATEMAE(nn.Module):
+class CRATEMAE(ClassifierHooks, nn.Module):
     """CRATE masked autoencoder.
 
     Args:
@@ -109,6 +102,8 @@ class CRATEMAE(nn.Module):
         num_classes: > 0 adds ``mlp_head`` (LN, Linear) for fine-tuning on ``forward_features``; 0 (default) keeps
             upstream's keys exactly. pool: ``"cls"`` or ``"mean"`` for ``forward_head``.
     """
+
+    NO_WEIGHT_DECAY = frozenset({"cls_token", "mask_token"})
 
     def __init__(
         self,
@@ -131,8 +126,7 @@ class CRATEMAE(nn.Module):
     ):
         super().__init__()
         grid_h, grid_w = check_image_config(image_size, patch_size)
-        if pool not in {"cls", "mean"}:
-            raise ValueError(f"pool must be 'cls' (class token) or 'mean' (mean pooling), got {pool!r}")
+        check_pool(pool)
         self.image_size, self.patch_size, self.channels = image_size, patch_size, channels
         self.grid = (grid_h, grid_w)
         self.norm_pix_loss = norm_pix_loss
@@ -154,6 +148,7 @@ class CRATEMAE(nn.Module):
         patch_h, patch_w = pair(patch_size)
         self.decoder_pred = nn.Linear(dim, patch_h * patch_w * channels)
         self.patchify = Patchify(patch_h, patch_w)
+        self.to_latent = nn.Identity()
         if num_classes:
             self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         if num_patches < 2:
@@ -241,29 +236,10 @@ class CRATEMAE(nn.Module):
         check_images(images, self.channels, self.image_size)
         return self._encode(self.patch_embed(images))
 
-    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """features (B, 1 + L, D) → pooled (B, D) with ``pre_logits``, else logits (B, num_classes)."""
-        x = features.mean(dim=1) if self.pool == "mean" else features[:, 0]
-        if pre_logits:
-            return x
-        if not self.num_classes:
-            raise ValueError("forward_head needs a classifier: build with num_classes > 0 or call reset_classifier")
-        return self.mlp_head(x)
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A fresh ``mlp_head`` for ``num_classes`` outputs (0 removes it)."""
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int, got {num_classes!r}")
+    def _reset_head(self, num_classes: int) -> None:
+        """A fresh ``mlp_head`` (LayerNorm, Linear) for ``num_classes`` outputs; 0 removes it (upstream's keys)."""
         dim = self.norm.normalized_shape[0]
-        self.num_classes = num_classes
         if num_classes:
             self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
         elif hasattr(self, "mlp_head"):
             del self.mlp_head
-
-    def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "mask_token"}
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
-        self.decoder.grad_checkpointing = enable

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crate_kernels.models import crate_lm, crate_mae
-from crate_kernels.models.crate import pair
+from crate_kernels.models.common import pair
 from crate_kernels.models.registry import create_model, model_config
 
 CONFIG_FILE = "config.json"

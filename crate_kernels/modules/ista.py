@@ -1,4 +1,6 @@
-"""ISTA blocks as drop-in ``nn.Module``s with upstream parameter names (DESIGN.md §1.2, §1.3).
+"""ISTA blocks as drop-in ``nn.Module``s with upstream parameter names.
+
+The math: docs/design.md, 'ISTA forward' and 'Overcomplete ISTA'.
 
 ``ISTA`` is upstream ``FeedForward`` (vanilla CRATE, CRATE-MAE encoder): one (D, D) dictionary ``weight``.
 ``OvercompleteISTA`` is CRATE-α's ``OvercompleteISTABlock`` (``D``, ``D1`` of shape (D, 4D)) or, with ``shared=True``,

@@ -1,7 +1,7 @@
 """MSSA as a drop-in ``nn.Module``: upstream ``Attention``'s constructor arguments and parameter names.
 
 ``qkv`` (Linear, no bias) → the per-head core ``crate_kernels.mssa`` on the (B, H, N, P) view → merge heads →
-``to_out`` (Linear + Dropout, or Identity when one head spans the width). Paper eq. 11; DESIGN.md §1.1.
+``to_out`` (Linear + Dropout, or Identity when one head spans the width). Paper eq. 11; docs/design.md, 'MSSA forward'.
 """
 
 import torch

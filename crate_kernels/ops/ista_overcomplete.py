@@ -1,10 +1,12 @@
-"""Overcomplete ISTA: two ISTA steps from zero on a (D, m) dictionary, then synthesis (DESIGN.md §1.3).
+"""Overcomplete ISTA: two ISTA steps from zero on a (D, m) dictionary, then synthesis.
+
+docs/design.md, 'Overcomplete ISTA' and 'Overcomplete ISTA backward'.
 
 ``a₁ = relu(η·xD − ηλ)``, ``a₂ = relu(a₁ + η(x − a₁Dᵀ)D − ηλ)``, ``out = a₂·D_outᵀ (+ residual)``.
 CRATE-α decouples ``D_out = D1`` and adds the block input; crate-lm shares ``D_out = D`` with no residual.
 Four thin GEMMs: ``xD`` is computed once and reused by step 2; DᵀD (m×m, m = 4D) is never formed.
 
-The kernels (``kernels/ista_overcomplete.py``) reuse xD in the exact form ``η·xD − η(a₁Dᵀ)D = η(x − a₁Dᵀ)D``: step 1's
+The kernels (``ops/gemm.py``) reuse xD in the exact form ``η·xD − η(a₁Dᵀ)D = η(x − a₁Dᵀ)D``: step 1's
 GEMM emits a₁, the second GEMM emits ``r = x − a₁Dᵀ`` with x added in its epilogue, the third ``relu(a₁ + η·rD − ηλ)``.
 Same four GEMMs, no (T, m) xD buffer written and re-read, and the rounding of upstream's ``(a₁Dᵀ − x)D``.
 """
@@ -13,10 +15,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from crate_kernels import backend
 from crate_kernels._checks import check_same, check_shape, check_tensor
-from crate_kernels.ops.ista import KERNEL_DTYPES, Gated, _tokens, gemm_epilogue, gemm_token_sum
+from crate_kernels.ops.gemm import Gated, as_tokens, gemm_epilogue, gemm_token_sum
+from crate_kernels.ops.launch import dtype_limits, require_kernel
 
 
 def _check_ista_overcomplete_args(
@@ -39,22 +43,8 @@ def _check_ista_overcomplete_args(
         check_same("residual", residual, "x", x)
 
 
-def _ista_overcomplete_kernel_limits(
-    x: torch.Tensor, D: torch.Tensor, D_out: torch.Tensor | None, residual: torch.Tensor | None
-) -> list[str]:
-    if x.dtype not in KERNEL_DTYPES:
-        return [f"x has dtype {x.dtype}; the ISTA kernels take float32, float16 or bfloat16"]
-    return []
-
-
-backend.register_kernel_limits("ista_overcomplete", _ista_overcomplete_kernel_limits)
-
-
-def _check_kernel_args(x: torch.Tensor, D: torch.Tensor, D_out: torch.Tensor, residual: torch.Tensor | None) -> None:
-    _check_ista_overcomplete_args(x, D, D_out, residual)
-    reasons = _ista_overcomplete_kernel_limits(x, D, D_out, residual)
-    if reasons:
-        raise ValueError("the overcomplete ISTA Triton kernels cannot take these inputs: " + "; ".join(reasons))
+# The kernels' limits, declared to the backend that dispatches ``ista_overcomplete`` (and to ``require_kernel``).
+backend.register_kernel_limits("ista_overcomplete", lambda x, D, D_out, residual: dtype_limits("x", x))
 
 
 class IstaOvercompleteForward(NamedTuple):
@@ -90,12 +80,13 @@ def ista_overcomplete_fwd(
     Returns:
         ``IstaOvercompleteForward(out, r, a1, a2)``, contiguous, x's dtype.
     """
-    _check_kernel_args(x, D, D_out, residual)
-    tokens, threshold = _tokens(x), step_size * lambd
+    _check_ista_overcomplete_args(x, D, D_out, residual)
+    require_kernel("ista_overcomplete", x, D, D_out, residual)
+    tokens, threshold = as_tokens(x), step_size * lambd
     a1 = gemm_epilogue(tokens, D, alpha=step_size, threshold=threshold, relu=True)
     r = gemm_epilogue(a1, D.t(), alpha=-1.0, residual=tokens)
     a2 = gemm_epilogue(r, D, alpha=step_size, residual=a1, threshold=threshold, relu=True)
-    out = gemm_epilogue(a2, D_out.t(), residual=None if residual is None else _tokens(residual))
+    out = gemm_epilogue(a2, D_out.t(), residual=None if residual is None else as_tokens(residual))
     m_shape = (*x.shape[:-1], D.shape[1])
     return IstaOvercompleteForward(out.view(x.shape), r.view(x.shape), a1.view(m_shape), a2.view(m_shape))
 
@@ -130,8 +121,9 @@ def ista_overcomplete_bwd(
     Returns:
         ``IstaOvercompleteGrads(dx (..., D), dD (D, m), dD_out (D, m))`` in the inputs' dtypes.
     """
-    _check_kernel_args(x, D, D_out, None)
-    dO, tokens, r, a1, a2 = (_tokens(t) for t in (grad_out, x, r, a1, a2))
+    _check_ista_overcomplete_args(x, D, D_out, None)
+    require_kernel("ista_overcomplete", x, D, D_out, None)
+    dO, tokens, r, a1, a2 = (as_tokens(t) for t in (grad_out, x, r, a1, a2))
     g2 = Gated(gemm_epilogue(dO, D_out), a2)
     dr = gemm_epilogue(g2, D.t(), alpha=step_size)
     g1 = Gated(gemm_epilogue(dr, D, alpha=-1.0, residual=g2), a1)
@@ -143,13 +135,8 @@ def ista_overcomplete_bwd(
 
 @torch.library.custom_op("crate_kernels::ista_overcomplete_fwd", mutates_args=())
 def _ista_overcomplete_fwd_op(
-    x: torch.Tensor,
-    D: torch.Tensor,
-    D_out: torch.Tensor,
-    residual: torch.Tensor | None,
-    step_size: float,
-    lambd: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: Tensor, D: Tensor, D_out: Tensor, residual: Tensor | None, step_size: float, lambd: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return tuple(ista_overcomplete_fwd(x, D, D_out, step_size, lambd, residual))
 
 
@@ -161,15 +148,8 @@ def _(x, D, D_out, residual, step_size, lambd):
 
 @torch.library.custom_op("crate_kernels::ista_overcomplete_bwd", mutates_args=())
 def _ista_overcomplete_bwd_op(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    D: torch.Tensor,
-    D_out: torch.Tensor,
-    r: torch.Tensor,
-    a1: torch.Tensor,
-    a2: torch.Tensor,
-    step_size: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_out: Tensor, x: Tensor, D: Tensor, D_out: Tensor, r: Tensor, a1: Tensor, a2: Tensor, step_size: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(ista_overcomplete_bwd(grad_out, x, D, D_out, r, a1, a2, step_size))
 
 
@@ -203,13 +183,13 @@ def _ista_overcomplete_torch(
     residual: torch.Tensor | None,
 ) -> torch.Tensor:
     """The PyTorch path: four GEMMs, xD reused, residual fused into the last one."""
-    tokens = x.reshape(-1, x.shape[-1])
+    tokens = as_tokens(x)
     xD = tokens @ D
     a1 = F.relu(step_size * xD - step_size * lambd)
     a2 = F.relu(a1 + step_size * (xD - (a1 @ D.t()) @ D) - step_size * lambd)
     if residual is None:
         return (a2 @ D_out.t()).view(x.shape)
-    return torch.addmm(residual.reshape(-1, x.shape[-1]), a2, D_out.t()).view(x.shape)
+    return torch.addmm(as_tokens(residual), a2, D_out.t()).view(x.shape)
 
 
 def ista_overcomplete(

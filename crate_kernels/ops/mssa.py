@@ -1,15 +1,14 @@
 """MSSA core: ``softmax(scale · w wᵀ) w`` per head, with w the ONE projection used as query, key and value.
 
-Paper eq. 11; DESIGN.md §1.1. Reads top to bottom: argument checks and kernel limits, the launchers of the Triton
-kernels (``crate_kernels/kernels/mssa.py``), the custom ops with their autograd, the plain-PyTorch path, and the
-public function that dispatches between the two.
+Paper eq. 11; docs/design.md, 'MSSA forward' and 'MSSA backward'. Reads top to bottom: argument checks and kernel
+limits, the launchers of the Triton kernels (``crate_kernels/kernels/mssa.py``), the custom ops with their autograd, the
+plain-PyTorch path, and the public function that dispatches between the two.
 
 Differences from ``reference/``: the kernels take bool masks only (an additive float mask goes to the PyTorch path),
 P ≤ 128, fp32 / fp16 / bf16. fp32 dots run in IEEE fp32 unless ``torch.set_float32_matmul_precision`` allows TF32
 ("high" or "medium"), as PyTorch's own matmuls do on CUDA.
 """
 
-import contextlib
 from typing import NamedTuple
 
 import torch
@@ -19,6 +18,7 @@ import triton
 from crate_kernels import backend
 from crate_kernels._checks import check_same, check_shape, check_tensor
 from crate_kernels.kernels.mssa import _mssa_bwd_delta_kernel, _mssa_bwd_kernel, _mssa_fwd_kernel
+from crate_kernels.ops.launch import dot_precision, dtype_limits, interpreter_upcast, on_device, require_kernel
 
 MAX_P = 128  # one padded tile of head columns
 MAX_GRID_BH = 65535  # B·H is the second grid dimension (CUDA's limit there)
@@ -60,9 +60,7 @@ def _broadcastable_mask(attn_mask: torch.Tensor | None, N: int) -> torch.Tensor 
 
 def _mssa_kernel_limits(w: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> list[str]:
     """Every reason the Triton kernels cannot take these (already checked) arguments; registered with the backend."""
-    reasons = []
-    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"w has dtype {w.dtype} (the kernels take float32, float16 or bfloat16)")
+    reasons = dtype_limits("w", w)
     if w.shape[-1] > MAX_P:
         reasons.append(f"head width P = {w.shape[-1]} > {MAX_P}")
     if w.shape[0] * w.shape[1] > MAX_GRID_BH:
@@ -90,29 +88,15 @@ def _launch_args(w: torch.Tensor, attn_mask: torch.Tensor | None) -> tuple[torch
     if mask is not None:
         # A stride-0 view: broadcast dimensions are read, never materialised. uint8 = bool's bytes.
         mask = mask.expand(B, H, N, N).view(torch.uint8)
-    tf32 = w.is_cuda and w.dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
     meta = {
         "P_PAD": max(16, triton.next_power_of_2(P)),  # every tl.dot dimension must be >= 16
         "HAS_MASK": mask is not None,
-        # The interpreter has no bf16 arithmetic (DESIGN §4): compute on fp32 copies of the loaded tiles.
-        "UPCAST": backend.interpreting() and w.dtype == torch.bfloat16,
-        "DOT_PRECISION": "tf32" if tf32 else "ieee",
+        "UPCAST": interpreter_upcast(w),
+        "DOT_PRECISION": dot_precision(w),
     }
     if mask is None:
         return w, (0, 0, 0, 0), meta  # a valid pointer the kernels never read
     return mask, mask.stride(), meta
-
-
-def _device(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def _check_kernel_args(w: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool) -> None:
-    _check_mssa_args(w, attn_mask, is_causal)
-    reasons = _mssa_kernel_limits(w, attn_mask, is_causal)
-    if reasons:
-        raise ValueError("the MSSA Triton kernels cannot take these inputs: " + "; ".join(reasons))
 
 
 def mssa_fwd(
@@ -129,7 +113,8 @@ def mssa_fwd(
     Returns:
         ``MSSAForward(out (B, H, N, P) in w's dtype, lse (B, H, N) fp32)``.
     """
-    _check_kernel_args(w, attn_mask, is_causal)
+    _check_mssa_args(w, attn_mask, is_causal)
+    require_kernel("mssa", w, attn_mask, is_causal)
     B, H, N, P = w.shape
     out = w.new_empty(B, N, H, P).transpose(1, 2)
     lse = torch.empty(B, H, N, device=w.device, dtype=torch.float32)
@@ -137,7 +122,7 @@ def mssa_fwd(
         return MSSAForward(out, lse)
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
-    with _device(w):
+    with on_device(w):
         _mssa_fwd_kernel[grid](
             w, out, lse, mask, *w.stride(), *out.stride(), *mask_strides, H, N, P, scale, IS_CAUSAL=is_causal, **meta
         )
@@ -163,7 +148,8 @@ def mssa_bwd(
     Returns:
         dw: (B, H, N, P) in w's dtype, with w's strides when w is dense (the transposed projection view stays one).
     """
-    _check_kernel_args(w, attn_mask, is_causal)
+    _check_mssa_args(w, attn_mask, is_causal)
+    require_kernel("mssa", w, attn_mask, is_causal)
     for name, t in (("grad_out", grad_out), ("out", out)):
         check_same(name, t, "w", w)
         check_shape(name, t, tuple(w.shape), "the shape of w")
@@ -176,7 +162,7 @@ def mssa_bwd(
         return dw
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     delta = torch.empty_like(lse)
-    with _device(w):
+    with on_device(w):
         _mssa_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_M), B * H)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), H, N, P,
             P_PAD=meta["P_PAD"], BLOCK_M=_DELTA_BLOCK_M,

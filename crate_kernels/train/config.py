@@ -4,19 +4,26 @@ Every leaf field is a flag ``--section.field`` (``--optim.lr 1e-3``); top-level 
 underscores are interchangeable (``--max-steps`` = ``--max_steps``). Short aliases: ``--model`` (``--model.name``),
 ``--model-args`` (``--model.args``), ``--data`` (``--data.name``), ``--task`` (``--task.name``). Precedence:
 defaults < ``--config FILE`` < flags. Every value is type-checked against the field's annotation, so a typo or a
-wrong type fails before anything is built.
+wrong type fails before anything is built. A field's trailing comment is its documentation: ``--help`` shows it,
+with the allowed values of each choice (``CHOICES``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
+import difflib
+import inspect
+import io
 import json
+import sys
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crate_kernels.models.registry import parse_model_args
 
 TASKS = ("classify", "mae", "lm", "mlm")
 PARALLEL = ("none", "ddp", "fsdp2")
@@ -33,13 +40,21 @@ class ConfigError(ValueError):
     """A run that cannot start (bad flag, unknown model, missing data, batch that does not divide)."""
 
 
+def did_you_mean(word: str, known: typing.Iterable[str] | dict[str, str]) -> str:
+    """``"; did you mean X?"`` naming the entries of ``known`` closest to ``word``, or ``""``. A dict maps what is
+    compared to what is named."""
+    names = known if isinstance(known, dict) else {name: name for name in known}
+    close = difflib.get_close_matches(word, list(names), n=3)
+    return f"; did you mean {' or '.join(names[c] for c in close)}?" if close else ""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = ""  # a registry name (crate_kernels.list_models()); "" = the task's demo model
     args: str = ""  # constructor overrides "dim=64,depth=4"; values are Python literals
-    backend: str = "auto"  # crate_kernels.set_backend: auto | triton | torch
+    backend: str = "auto"  # crate_kernels.set_backend: auto = Triton kernels where they run, else PyTorch
     compile: bool = False  # torch.compile the model
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
 
 
 @dataclass(frozen=True)
@@ -58,12 +73,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "adamw"  # adamw | lion
-    lr: float = 5e-3
+    name: str = "adamw"  # the optimizer
+    lr: float = 5e-3  # peak learning rate (Lion wants 3-10x less than AdamW)
     min_lr: float = 3e-5  # cosine floor
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 40
+    weight_decay: float = 0.05  # decoupled, on matrices only (not norms, biases, embeddings)
+    betas: tuple[float, float] = (0.9, 0.999)  # moment decay rates "b1,b2"
+    warmup_steps: int = 40  # linear warm-up from 0 to lr, then the cosine
     grad_clip: float = 1.0  # max global grad norm; 0 = off
     batch_size: int = 64  # GLOBAL batch per optimizer step, whatever the world size
     grad_accum: int = 1  # micro-batches per step on each rank
@@ -71,32 +86,33 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "classify"  # classify | mae | lm | mlm
-    label_smoothing: float = 0.1
+    name: str = "classify"  # the objective: image classes, masked image completion, character LM or masked LM
+    label_smoothing: float = 0.1  # classification targets: 1 - s on the class, s spread over all
     mixup: float = 0.0  # Beta(a, a) mixup for classification; 0 = off
     cutmix: float = 0.0  # Beta(a, a) CutMix for classification; 0 = off (with mixup: one of the two per sample)
-    mask_ratio: float = 0.75  # MAE
+    mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    out: str = "runs/default"
+    out: str = "runs/default"  # the run folder: config, metrics, checkpoints, plots; an existing run resumes
     steps: int = 800  # the schedule's total length
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
-    parallel: str = "none"  # none | ddp | fsdp2 (under torchrun)
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda
+    parallel: str = "none"  # one process, or under torchrun: DDP (replicas) or FSDP2 (sharded, ZeRO-3)
+    device: str = "auto"  # auto = cuda when present
     cpu_threads: int = 1  # torch threads when training on CPU: small models run fastest on one; 0 = torch's default
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 200
-    ckpt_every: int = 200
+    precision: str = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
+    seed: int = 0  # initial weights, data order, augmentations, dropout
+    log_every: int = 10  # steps between metrics records
+    eval_every: int = 200  # steps between held-out evaluations
+    ckpt_every: int = 200  # steps between checkpoints (Ctrl-C or SIGTERM also saves one)
     keep_last: int = 2  # checkpoints kept
     export: bool = True  # write model.safetensors at the end
     tensorboard: bool = True  # also log to TensorBoard when it is importable
     progress: bool = True  # tqdm bar on rank 0
+    allow_config_change: bool = False  # resume a run with a changed config (recorded in config_history.jsonl)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -104,8 +120,7 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults ("" model or data) and check every choice; raises ValueError."""
-        if self.task.name not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task.name!r}")
+        _check_choice("task.name", self.task.name)
         model_name, data_name = TASK_DEFAULTS[self.task.name]
         cfg = dataclasses.replace(
             self,
@@ -116,16 +131,9 @@ class TrainConfig:
         return cfg
 
     def check(self) -> None:
-        choices = {
-            "--parallel": (self.parallel, PARALLEL),
-            "--device": (self.device, ("auto", "cpu", "cuda")),
-            "--precision": (self.precision, ("auto", "fp32", "bf16", "fp16")),
-            "--optim.name": (self.optim.name, ("adamw", "lion")),
-            "--model.backend": (self.model.backend, ("auto", "triton", "torch")),
-        }
-        for flag, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise ValueError(f"{flag} must be one of {allowed}, got {value!r}")
+        values = flatten(self.to_dict())
+        for key in CHOICES:
+            _check_choice(key, values[key])
         positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
         positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
         positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
@@ -162,49 +170,43 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def parse_model_args(text: str) -> dict[str, Any]:
-    """``"dim=64,image_size=(8, 8),pool=mean"`` -> ``{"dim": 64, "image_size": (8, 8), "pool": "mean"}``.
+# The allowed values of each choice field: ``check`` enforces them, ``--help`` lists them.
+CHOICES = {
+    "parallel": PARALLEL,
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.backend": ("auto", "triton", "torch"),
+    "optim.name": ("adamw", "lion"),
+    "task.name": TASKS,
+}
 
-    Values are Python literals; a bare word is a string. The model registry then checks each value's type.
-    """
-    if not text.strip():
-        return {}
-    expected = f"--model.args: expected name=value pairs separated by commas (Python literals), got {text!r}"
-    try:
-        call = ast.parse(f"f({text})", mode="eval").body
-    except SyntaxError:
-        raise ValueError(expected) from None
-    if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
-        raise ValueError(expected)
-    overrides: dict[str, Any] = {}
-    for kw in call.keywords:
-        if kw.arg in overrides:
-            raise ValueError(f"--model.args: {kw.arg} given twice in {text!r}")
-        try:
-            overrides[kw.arg] = kw.value.id if isinstance(kw.value, ast.Name) else ast.literal_eval(kw.value)
-        except ValueError:
-            raise ValueError(
-                f"--model.args: {kw.arg}= must be a Python literal, got {ast.unparse(kw.value)!r}"
-            ) from None
-    return overrides
+
+def _check_choice(key: str, value: str) -> None:
+    allowed = CHOICES[key]
+    if value not in allowed:
+        raise ValueError(
+            f"{flag(key)} must be one of {', '.join(allowed)}; got {value!r}{did_you_mean(value, allowed)}"
+        )
 
 
 # ---- dataclass <-> flat dotted keys, with type checks ----
 
 
-def _fields(cls: type, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf name -> its resolved annotation, for a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    leaves: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            leaves |= _fields(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            leaves[prefix + f.name] = hints[f.name]
-    return leaves
+def _sections(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, type]]:
+    """A config dataclass and, depth first, each nested one, with the dotted prefix of its fields."""
+    yield prefix, cls
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from _sections(hint, f"{prefix}{name}.")
 
 
-LEAVES = _fields(TrainConfig)
+# Dotted leaf name -> its resolved annotation.
+LEAVES = {
+    prefix + name: hint
+    for prefix, section in _sections(TrainConfig)
+    for name, hint in typing.get_type_hints(section).items()
+    if not dataclasses.is_dataclass(hint)
+}
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -233,6 +235,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values -> dotted keys: ``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}``."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         if isinstance(value, dict):
@@ -263,32 +266,128 @@ def load_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--config: no such file {str(path)!r}")
-    if path.suffix == ".toml":
-        import tomllib  # Python >= 3.11
+    if path.suffix not in (".toml", ".json"):
+        raise ValueError(f"--config: expected a .toml or .json file, got {str(path)!r}")
+    text = path.read_text(errors="replace")
+    try:
+        if path.suffix == ".toml":
+            import tomllib  # Python >= 3.11
 
-        return flatten(tomllib.loads(path.read_text()))
-    if path.suffix == ".json":
-        return flatten(json.loads(path.read_text()))
-    raise ValueError(f"--config: expected a .toml or .json file, got {str(path)!r}")
+            tree = tomllib.loads(text)
+        else:
+            tree = json.loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ValueError(f"--config {str(path)!r}: not valid {path.suffix[1:].upper()} ({err})") from None
+    if not isinstance(tree, dict):
+        raise ValueError(
+            f"--config {str(path)!r}: the top level must be an object of config values "
+            f'(e.g. {{"steps": 100, "optim": {{"lr": 0.001}}}}), got a {type(tree).__name__}'
+        )
+    return flatten(tree)
 
 
 ALIASES = {"model": "model.name", "model-args": "model.args", "data": "data.name", "task": "task.name"}
 
 
+def flag(key: str) -> str:
+    """The flag a message names for the dotted config ``key``: its alias when it has one."""
+    return "--" + next((alias for alias, target in ALIASES.items() if target == key), key)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its documentation: the field's trailing comment in ``cls``'s source, continued on comment-only
+    lines right below it."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source (a frozen application): help without descriptions
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    docs: dict[str, str] = {}
+    first_name: dict[int, str] = {}  # line -> the name it starts with
+    last: tuple[str, int] | None = None  # the documented field, and its comment's last line
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line, column = token.start
+        at_start = not token.line[:column].strip()
+        if token.type == tokenize.NAME and at_start:
+            first_name[line] = token.string
+        elif token.type == tokenize.COMMENT:
+            text = token.string.lstrip("#").strip()
+            if first_name.get(line) in names:
+                last = (first_name[line], line)
+                docs[last[0]] = text
+            elif last and at_start and line == last[1] + 1:
+                docs[last[0]] += " " + text
+                last = (last[0], line)
+    return docs
+
+
+# Dotted leaf name -> what ``--help`` says of it.
+FIELD_DOCS = {
+    prefix + name: doc for prefix, section in _sections(TrainConfig) for name, doc in _field_docs(section).items()
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with underscores in flag names read as dashes, and a did-you-mean for a mistyped flag."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        args = [_dashed(arg) if arg.startswith("--") else arg for arg in args]
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            known = [name for action in self._actions for name in action.option_strings]
+            unknown = [arg.split("=")[0] for arg in message[len(prefix) :].split() if arg.startswith("-")]
+            message = "; ".join(f"unknown flag {arg}{_flag_hint(arg, known)}" for arg in unknown) or message
+        super().error(message)
+
+
+def _dashed(arg: str) -> str:
+    name, equals, value = arg.partition("=")
+    return name.replace("_", "-") + equals + value
+
+
+def _flag_hint(arg: str, known: list[str]) -> str:
+    """The flags ``arg`` may have meant: within its section when it names one (compared by field name), else
+    among all; the section's flags when none is close."""
+    section, _, field = arg.removeprefix("--").rpartition(".")
+    prefix = f"--{section}."
+    inside = {name.removeprefix(prefix): name for name in known if section and name.startswith(prefix)}
+    if not inside:
+        return did_you_mean(arg, known) or "; see crate-train --help"
+    return did_you_mean(field, inside) or f"; --{section}.* flags: {', '.join(sorted(inside.values()))}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="crate-train",
-        description="Train a CRATE model. No flags: a small CRATE classifier on scikit-learn digits (CPU, minutes).",
+        usage="crate-train [--config FILE] [--FLAG VALUE ...]",
+        description="Train a CRATE model. No flags: a small CRATE classifier on scikit-learn digits (CPU, minutes). "
+        "Every flag below is a config field; dashes and underscores are interchangeable.",
         allow_abbrev=False,
         argument_default=argparse.SUPPRESS,  # only the flags given reach the namespace
     )
-    parser.add_argument("--config", help="a TOML or JSON file of config values (flags override it)")
+    parser.add_argument("--config", metavar="FILE", help="a TOML or JSON file of config values (flags override it)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
     defaults = flatten(TrainConfig().to_dict())
+    groups = {"": parser.add_argument_group("run")}
     for key, annotation in LEAVES.items():
-        names = {f"--{key}", f"--{key.replace('_', '-')}"}
-        names |= {f"--{alias}" for alias, target in ALIASES.items() if target == key}
-        kind = "x".join(a.__name__ for a in typing.get_args(annotation)) or annotation.__name__
-        parser.add_argument(*sorted(names), dest=key, metavar=kind.upper(), help=f"default: {defaults[key]!r}")
+        section = key.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} (--{section}.*)")
+        names = {f"--{key.replace('_', '-')}"} | {f"--{alias}" for alias, target in ALIASES.items() if target == key}
+        kind = ",".join(a.__name__ for a in typing.get_args(annotation)) or annotation.__name__
+        metavar = "{" + ",".join(CHOICES[key]) + "}" if key in CHOICES else kind.upper()
+        help_text = FIELD_DOCS.get(key, "")
+        if key == "model.name":
+            import crate_kernels
+
+            help_text += f"; one of: {', '.join(crate_kernels.list_models())}"
+        default = defaults[key]
+        help_text += f" (default: {','.join(map(str, default)) if isinstance(default, tuple) else repr(default)})"
+        groups[section].add_argument(*sorted(names), dest=key, metavar=metavar, help=help_text.replace("%", "%%"))
     return parser
 
 
@@ -296,6 +395,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """The resolved config from a command line; bad values raise ConfigError before anything is built."""
     namespace = vars(build_parser().parse_args(argv))
     config_file = namespace.pop("config", None)
+    namespace.pop("debug", None)  # read by crate-train itself
     try:
         base = from_flat(load_file(config_file)) if config_file else None
         return from_flat(namespace, base).resolved()

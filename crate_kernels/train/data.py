@@ -12,6 +12,7 @@ takes which, is ``loader.py``'s.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import pickle
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ import torch.nn.functional as F
 from crate_kernels.train import folder, streams
 from crate_kernels.train.augment import Augment, crop_and_flip, eval_transform, rand_augment, resize, train_transform
 from crate_kernels.train.config import DataConfig
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct
 
 TEXT_VOCAB = 128  # ASCII; id 127 (DEL) never occurs in encoded text, so MLM can use it as [MASK]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # image folders are normalised with these
@@ -238,13 +244,39 @@ def _folder_sets(path: Path, cfg: DataConfig) -> tuple[ImageFolder, ImageFolder]
     return train, val
 
 
+# The globals a pickled numpy array names (numpy 1 wrote numpy.core, numpy 2 writes numpy._core), and the one that
+# Python 3 names for a bytes object at protocol 2 (a pure str -> bytes conversion).
+ARRAY_GLOBALS = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("_codecs", "encode"): codecs.encode,
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads what a CIFAR python batch holds, a dict of numpy arrays, lists, numbers and byte strings, and nothing
+    else: a global the pickle names must be one numpy needs to rebuild an array (a crafted file that names any other
+    callable is refused before it is called)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in ARRAY_GLOBALS:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: a CIFAR batch holds numpy arrays and lists only")
+        return ARRAY_GLOBALS[module, name]
+
+
 def _load_cifar(root: Path) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     def read(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for name in names:
-            # The official CIFAR python batches are pickles; only load them from a directory you trust.
-            with open(root / name, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
+            try:
+                with open(root / name, "rb") as f:
+                    batch = _ArrayUnpickler(f, encoding="bytes").load()
+                if not isinstance(batch, dict) or b"data" not in batch:
+                    raise pickle.UnpicklingError("no b'data' entry")
+            except (pickle.UnpicklingError, EOFError, ValueError) as err:
+                raise ValueError(f"--data: {str(root / name)!r} is not a CIFAR python batch ({err})") from None
             xs.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch.get(b"labels", batch.get(b"fine_labels")), dtype=np.int64))
         return torch.from_numpy(np.concatenate(xs)).float() / 255.0, torch.from_numpy(np.concatenate(ys))
@@ -301,3 +333,29 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
     if path.is_dir():
         return _folder_sets(path, cfg)
     raise ValueError(f"--data: an image task needs digits, lfw, an image folder or CIFAR batches, got {name!r}")
+
+
+def photograph(name: str = "astronaut", size: int = 224, channels: int = 3) -> torch.Tensor:
+    """A sample photograph shipped with scikit-image (astronaut, chelsea, coffee, ...), centre-cropped square.
+
+    Returns:
+        (1, channels, size, size) fp32 in [0, 1]; grey when ``channels == 1``.
+    """
+    from skimage import color, data, transform
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    loader = getattr(data, name, None)
+    if loader is None:
+        raise ValueError(f"name must be a scikit-image sample photograph such as 'astronaut', got {name!r}")
+    img = loader()
+    if img.ndim == 3 and channels == 1:
+        img = color.rgb2gray(img[..., :3])
+    elif img.ndim == 2 and channels == 3:
+        img = color.gray2rgb(img)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    img = img[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
+    img = transform.resize(img, (size, size), anti_aliasing=True)  # floats in [0, 1]
+    t = torch.as_tensor(img, dtype=torch.float32)
+    return (t[None] if channels == 1 else t.permute(2, 0, 1))[None]

@@ -90,11 +90,11 @@ def sync_gradients(model: nn.Module, ctx: Context, sync: bool):
 
 
 def all_reduce(values: torch.Tensor, ctx: Context, op: str = "sum") -> torch.Tensor:
-    """Sum (or mean) of ``values`` over ranks; identity on one process."""
+    """Sum (``op`` "sum"), mean or max of ``values`` over ranks; identity on one process."""
     if ctx.parallel == "none":
         return values
     values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return values / ctx.world_size if op == "mean" else values
 
 

@@ -13,18 +13,17 @@ from typing import Any
 import torch
 
 import crate_kernels
+from crate_kernels import files
 from crate_kernels.measure import layerwise
-from crate_kernels.train import checkpoint, distributed, streams
-from crate_kernels.train.config import ConfigError, TrainConfig, flatten
+from crate_kernels.plots import format_table, plot_run
+from crate_kernels.train import checkpoint, distributed, run_folder, streams
+from crate_kernels.train.config import ConfigError, TrainConfig
 from crate_kernels.train.data import TextSet, load_dataset
 from crate_kernels.train.distributed import Context
+from crate_kernels.train.faults import RunError, RunInterruptedError, StopSignals
 from crate_kernels.train.loader import TrainBatches, UnreadableFiles, check_batch_size, eval_batches
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, build_model, format_table, plot_run
-
-# Config keys a resumed run may change without being another run (data.workers, data.prefetch: how images are
-# decoded, not which).
-NOT_RESUMED = {"max_steps", "progress", "data.workers", "data.prefetch"}
+from crate_kernels.train.tasks import TASK_CLASSES, Task, model_for_run
 
 
 class Metrics:
@@ -35,8 +34,8 @@ class Metrics:
         if not self.enabled:
             return
         # A resumed run drops what was logged after its checkpoint, so each step appears once.
-        kept = [r for r in self.records() if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in self.records() if r.get("step", 0) <= resume_step]
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         if tensorboard:
             with contextlib.suppress(ImportError):
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,13 +43,12 @@ class Metrics:
                 self.writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.is_file() else []
+        return files.read_jsonl(self.path)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.path, json.dumps(record))
         if self.writer:
             for key, value in record.items():
                 if key != "step":
@@ -85,7 +83,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     """Run (or resume, from the last checkpoint in ``cfg.out``) the training ``cfg`` describes.
 
     Returns the final held-out metrics (``eval_loss``, ``eval_accuracy``, ...). Raises ``ConfigError`` before any
-    training step when the configuration cannot work.
+    training step (and before anything is written) when the configuration cannot work, and ``RunError`` when a fault
+    stops the run: SIGINT or SIGTERM (after saving a checkpoint at the current step), a full disk (the earlier
+    checkpoints intact), checkpoints none of which can be read.
     """
     try:
         cfg = cfg.resolved()
@@ -96,13 +96,25 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     if ctx.device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     try:
-        return _train(cfg, ctx)
+        # Under torchrun the launcher forwards the signal it got: a second one must not stop a rank mid-save.
+        with StopSignals(repeat_stops_at_once=ctx.parallel == "none") as stop:
+            return _train(cfg, ctx, stop)
+    except BaseException as err:
+        full = files.disk_full(err)
+        if full is None:
+            raise
+        last = checkpoint.checkpoints(cfg.out)
+        kept = f"from {last[-1].name}, which is intact" if last else "from the start (no checkpoint yet)"
+        raise RunError(
+            f"disk full: could not write {full.filename or cfg.out}; free space, then run the same command to "
+            f"resume {kept}"
+        ) from err
     finally:
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
 
 
-def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
+def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float]:
     run_dir = Path(cfg.out)
     task = TASK_CLASSES[cfg.task.name](cfg)
     micro_batch, remainder = divmod(cfg.optim.batch_size, ctx.world_size * cfg.optim.grad_accum)
@@ -119,7 +131,7 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
         crate_kernels.set_backend(cfg.model.backend)
         train_set, val_set = load_dataset(cfg.data, task.text)
         torch.manual_seed(streams.seed("init", cfg.seed))  # the same initial weights on every rank (FSDP2 shards them)
-        model, model_args = build_model(cfg, task, train_set)
+        model, model_args = model_for_run(cfg, task, train_set)
         torch.manual_seed(streams.seed("dropout", cfg.seed, ctx.rank))  # then each rank its own dropout masks
         # The saved config names every constructor argument, data-derived ones included, so that the run folder
         # alone rebuilds the model (crate-measure reads it).
@@ -142,15 +154,22 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
     autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
 
+    # Nothing is written before the folder's record agrees with this config and a checkpoint has been read back.
+    changed = run_folder.changes(cfg, run_dir) if checkpoint.checkpoints(run_dir) else {}
     data = TrainBatches(train_set, cfg, ctx.world, pin=ctx.device.type == "cuda")
     unreadable = UnreadableFiles(train_set, val_set)
-    found, step = checkpoint.checkpoints(run_dir), 0
-    if found:
-        step = checkpoint.load(found[-1], model, optimizer, scheduler, ctx, scaler, data)
-        if ctx.is_main:
-            print(f"resuming from {found[-1]} (step {step} of {cfg.steps}; this run stops at {cfg.last_step})")
+    try:
+        step, resumed = checkpoint.resume(run_dir, model, optimizer, scheduler, ctx, scaler, data)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     if ctx.is_main:
-        _save_config(cfg, run_dir, resumed=bool(found))
+        if changed is None:
+            print(f"warning: {run_dir / run_folder.CONFIG} is missing or unreadable: this config becomes the record")
+        if resumed:
+            print(f"resuming from {resumed} (step {step} of {cfg.steps}; this run stops at {cfg.last_step})")
+        files.remove_leftovers(run_dir)
+        files.remove_leftovers(run_dir / "checkpoints")
+        run_folder.record(cfg, run_dir, step, changed)
     metrics = Metrics(run_dir, ctx, step, cfg.tensorboard)
     seq_len = train_set.block_size if isinstance(train_set, TextSet) else 0
 
@@ -161,6 +180,16 @@ def _train(cfg: TrainConfig, ctx: Context) -> dict[str, float]:
     )
     tick, last_logged, evaluated = time.perf_counter(), step, None
     while step < cfg.last_step:
+        # Every rank stops at the same step when any got SIGINT/SIGTERM (the checkpoint is collective).
+        signum = int(distributed.all_reduce(torch.tensor([stop.signum], device=ctx.device), ctx, op="max"))
+        if signum:
+            bar.close()
+            saved = checkpoint.step_dir(run_dir, step)
+            if not saved.is_dir():
+                checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler, data)
+            raise RunInterruptedError(
+                f"interrupted at step {step}; saved {saved}; run the same command to resume", signum
+            )
         micro = next(data)  # this rank's micro-batches of the step's global batch
         lr = scheduler.get_last_lr()[0]
         step_loss = torch.zeros((), device=ctx.device)
@@ -224,21 +253,10 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
         x = val_set.batch(torch.arange(min(256, len(val_set)))).inputs
         with streams.fork("report", device=ctx.device):  # the MAE's random masks
             rows = layerwise(model, x.to(ctx.device))
-        lines += format_table(rows)
+        lines.append(format_table(rows))
     if ctx.is_main:
-        plot_run(metrics.records(), rows, run_dir / "metrics.png")
+        plot_run(
+            metrics.records(), rows, run_dir / "metrics.png", label=getattr(model, "config", {}).get("name", "final")
+        )
         lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
         print("\n".join(lines), flush=True)
-
-
-def _save_config(cfg: TrainConfig, run_dir: Path, resumed: bool) -> None:
-    """The resolved config as ``DIR/config.json`` (loadable with ``--config``); warn when a resume changes it."""
-    path = run_dir / "config.json"
-    new = cfg.to_dict()
-    if resumed and path.is_file():
-        old, flat = flatten(json.loads(path.read_text())), flatten(new)
-        changed = sorted(k for k in flat if k not in NOT_RESUMED and json.dumps(old.get(k)) != json.dumps(flat[k]))
-        if changed:
-            print(f"warning: resuming {run_dir} with a changed config ({', '.join(changed)}): not the same run")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(new, indent=2) + "\n")

@@ -11,7 +11,6 @@ next-token windows (b, T), and the samples' ids, which key their random draws (s
 
 from __future__ import annotations
 
-import difflib
 import math
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from crate_kernels import files
+from crate_kernels.models.registry import parse_model_args
+from crate_kernels.plots import image_grid
 from crate_kernels.train import streams
 from crate_kernels.train.augment import mix_pairs
-from crate_kernels.train.config import TrainConfig, parse_model_args
+from crate_kernels.train.config import TrainConfig, did_you_mean
 from crate_kernels.train.data import TEXT_VOCAB, Batch, DataSet, decode_text, encode_text
 
 
@@ -119,7 +121,7 @@ class MAE(Task):
         unnorm = lambda t: (t.float().cpu() * val.std[:, None, None] + val.mean[:, None, None]).clamp(0, 1)  # noqa: E731
         rows = [unnorm(x), unnorm(x) * (1 - patch_mask.cpu()) + 0.5 * patch_mask.cpu(), unnorm(completed)]
         path = run_dir / "reconstruction.png"
-        _image_grid(rows, ["original", "masked", "completed"], path)
+        image_grid(rows, ["original", "masked", "completed"], path)
         return [f"masked completions: {path}"]
 
 
@@ -150,7 +152,7 @@ class LM(Task):
             ids = model.generate(prompt, self.cfg.task.sample_tokens, temperature=0.8, top_k=20)
         text = decode_text(ids[0].cpu())
         if is_main:
-            (run_dir / "sample.txt").write_text(text)
+            files.write_text(run_dir / "sample.txt", text)
         return ["sample:", text]
 
 
@@ -201,7 +203,7 @@ def model_attr(model: nn.Module, name: str) -> Any:
     return getattr(getattr(inner, "module", inner), name)
 
 
-def build_model(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Module, dict[str, Any]]:
+def model_for_run(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Module, dict[str, Any]]:
     """``crate_kernels.create_model(--model, **data overrides, **--model.args)`` and the arguments it got.
 
     Raises ValueError naming the flag for an unknown name, a bad argument or arguments that contradict the data.
@@ -210,8 +212,7 @@ def build_model(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Module
 
     names = crate_kernels.list_models()
     if cfg.model.name not in names:
-        close = difflib.get_close_matches(cfg.model.name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(names)}"
+        hint = did_you_mean(cfg.model.name, names) or f"; known: {', '.join(names)}"
         raise ValueError(f"--model: unknown model {cfg.model.name!r}{hint}")
     user = parse_model_args(cfg.model.args)
     derived = task.data_overrides(train)
@@ -230,68 +231,3 @@ def build_model(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Module
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model, derived | user
-
-
-# ---- the white-box report ----
-
-
-def format_table(rows: list[dict[str, float]]) -> list[str]:
-    """``crate_kernels.measure.layerwise`` rows as a table: compression R^c should fall with depth, sparsity rise."""
-    lines = ["layer  compression R^c  coding rate R  sparsity"]
-    lines += [
-        f"{r['layer']:>5}  {r['compression']:>15.2f}  {r['coding_rate']:>13.2f}  {r['sparsity']:>8.3f}" for r in rows
-    ]
-    return lines
-
-
-def _image_grid(rows: list[torch.Tensor], titles: list[str], path: Path) -> None:
-    """Rows of images (b, C, H, W) in [0, 1], one titled row each, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols, 1.3 * len(rows)), squeeze=False)
-    for r, (images, title) in enumerate(zip(rows, titles, strict=True)):
-        for c in range(cols):
-            image = images[c].permute(1, 2, 0).numpy()
-            axes[r][c].imshow(image.squeeze(-1) if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-            axes[r][c].axis("off")
-        axes[r][0].set_title(title, fontsize=8, loc="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_run(records: list[dict[str, Any]], rows: list[dict[str, float]], path: Path) -> None:
-    """Training curves (train loss, held-out metrics) and, when given, the per-layer compression/sparsity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3 if rows else 2, figsize=(13 if rows else 9, 3.5))
-    train = [r for r in records if "train_loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    axes[0].plot([r["step"] for r in train], [r["train_loss"] for r in train], label="train")
-    axes[0].plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out")
-    axes[0].set(xlabel="step", ylabel="loss", title="loss")
-    axes[0].legend()
-    metric = next((k for k in ("eval_accuracy", "eval_perplexity") if evals and k in evals[-1]), None)
-    if metric:
-        axes[1].plot([r["step"] for r in evals], [r[metric] for r in evals], "o-")
-    axes[1].set(xlabel="step", title=metric or "lr")
-    if not metric:
-        axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
-    if rows:
-        layer = [r["layer"] for r in rows]
-        axes[2].plot(layer, [r["compression"] for r in rows], "o-", color="C0")
-        axes[2].set(xlabel="layer", xticks=layer, title="compression R^c (↓) and sparsity (↑)")
-        axes[2].set_ylabel("compression R^c", color="C0")
-        twin = axes[2].twinx()
-        twin.plot(layer, [r["sparsity"] for r in rows], "s-", color="C1")
-        twin.set_ylabel("sparsity", color="C1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

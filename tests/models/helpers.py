@@ -36,8 +36,8 @@ def assert_all_close(
     expected: dict[str, torch.Tensor],
     low_precision: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Every entry by DESIGN §4's rules: ``expected`` is the fp64 reference, ``low_precision`` the reference in
-    actual's dtype (rule a, used for the kernels)."""
+    """Every entry by the numerics rules (docs/design.md, 'Numerics rules'): ``expected`` is the fp64 reference,
+    ``low_precision`` the reference in actual's dtype (rule a, used for the kernels)."""
     assert actual.keys() == expected.keys(), f"entries differ: {sorted(actual.keys() ^ expected.keys())}"
     for name, value in actual.items():
         low = None if low_precision is None else low_precision[name]

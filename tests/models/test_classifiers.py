@@ -10,9 +10,8 @@ import reference.crate_alpha
 from crate_kernels import CRATE, create_model
 from crate_kernels.models import CRATEAlpha
 from tests.models.helpers import assert_all_close, assert_exactly_close, outputs_and_grads, randomized
-from tests.utils import seeded
+from tests.utils import BACKENDS, seeded
 
-BACKENDS = ["torch", "triton"]
 TINY = {"image_size": 8, "patch_size": 2, "num_classes": 5, "dim": 32, "depth": 2, "heads": 2, "dim_head": 16}
 # family -> (our class, upstream class, upstream presets by our size name)
 FAMILIES = {

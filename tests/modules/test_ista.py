@@ -7,9 +7,8 @@ import crate_kernels
 from crate_kernels import ISTA, OvercompleteISTA
 from reference.ista import FeedForward, OvercompleteISTABlock, ista_overcomplete_ref
 from tests.models.helpers import assert_all_close, assert_exactly_close, outputs_and_grads
-from tests.utils import seeded
+from tests.utils import BACKENDS, seeded
 
-BACKENDS = ["torch", "triton"]
 f64 = torch.float64
 
 

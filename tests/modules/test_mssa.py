@@ -8,9 +8,8 @@ import crate_kernels.modules.mssa as mssa_module
 from crate_kernels import MSSA
 from reference.mssa import Attention, mssa_ref
 from tests.models.helpers import assert_all_close, assert_exactly_close, outputs_and_grads, randomized
-from tests.utils import seeded
+from tests.utils import BACKENDS, seeded
 
-BACKENDS = ["torch", "triton"]
 f64 = torch.float64
 
 

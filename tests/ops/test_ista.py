@@ -6,17 +6,19 @@ import pytest
 import torch
 
 import crate_kernels
-from crate_kernels import backend as backend_module
 from crate_kernels.ops.ista import _ista_bwd_op, _ista_fwd_op
 from reference.ista import ista_ref
 from tests.utils import (
-    HOPPER_MAX_SHARED,
+    BACKENDS,
+    RANDOM_SEEDS,
     assert_close_to_ref,
+    assert_configs_fit_hopper,
     compile_for_hopper,
-    hopper_shared_memory,
+    dtype_params,
     quick,
     run_without_interpreter,
     seeded,
+    use_backend,
 )
 
 # (tokens shape, D): CRATE-S width 48 with N = 197, odd token counts, a single token, CRATE-T width 384, and more row
@@ -33,18 +35,6 @@ SHAPES = quick(
     ]
 )
 IDS = ["x".join(map(str, t)) for t, _ in SHAPES]
-BACKENDS = ["torch", "triton"]
-# 20 seeded random shapes everywhere, 200 on a GPU.
-RANDOM_SEEDS = [*range(20), *(pytest.param(s, marks=pytest.mark.gpu) for s in range(20, 200))]
-
-
-def use_backend(backend: str, device: torch.device) -> None:
-    """Select ``backend``; the kernels need CUDA tensors or the interpreter."""
-    if backend == "triton" and device.type != "cuda" and not backend_module.interpreting():
-        pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1")
-    crate_kernels.set_backend(backend)
-
-
 # How far every pre-activation is put from the relu kink: more than the rounding of x to the dtype can move it.
 KINK_MARGIN = {torch.float32: 0.05, torch.float64: 0.05, torch.float16: 0.5, torch.bfloat16: 1.5}
 
@@ -92,18 +82,14 @@ def _check(x, weight, step_size=0.1, lambd=0.1):
         assert_close_to_ref(name, a, e, lp, kind=kind)
 
 
-DTYPES = [
-    pytest.param(torch.float32, id="fp32"),
-    pytest.param(torch.float16, id="fp16"),
-    pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.gpu),
-]
+DTYPES = dtype_params(gpu_only=(torch.bfloat16,))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "D"), SHAPES, ids=IDS)
 def test_ista_matches_reference(tokens, D, dtype, backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     _check(*_inputs(tokens, D, dtype, device=device))
 
 
@@ -111,20 +97,20 @@ def test_ista_matches_reference(tokens, D, dtype, backend, device):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ista_crate_base_shape(dtype, device):
     """CRATE-B width with a full N = 197 sequence (minutes under the interpreter)."""
-    use_backend("triton", device)
+    use_backend("triton")
     _check(*_inputs((2, 197, 768), 768, dtype, device=device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_step_size_and_lambd(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     _check(*_inputs((2, 13, 32), 32, torch.float32, 0.37, 0.5, device=device), step_size=0.37, lambd=0.5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_strided_input(backend, device):
     """A token view that cannot collapse to (T, D) (copied once) and column slices read in place."""
-    use_backend(backend, device)
+    use_backend(backend)
     x, weight = _inputs((2, 19, 64), 64, torch.float32, device=device)
     _check(x[:, ::2, :48], weight[:48, :48])
     x, weight = _inputs((2, 7, 48), 48, torch.float32, device=device)
@@ -136,7 +122,7 @@ def test_ista_strided_input(backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_broadcast_grad_out(backend, device):
     """``out.sum().backward()`` hands the backward a stride-0 grad_out, read without a copy."""
-    use_backend(backend, device)
+    use_backend(backend)
     x, weight = _inputs((2, 9, 24), 24, torch.float32, device=device)
     leaves = [t.clone().requires_grad_() for t in (x, weight)]
     crate_kernels.ista(*leaves).sum().backward()
@@ -149,7 +135,7 @@ def test_ista_broadcast_grad_out(backend, device):
 @pytest.mark.parametrize("seed", RANDOM_SEEDS)
 def test_ista_random_shapes(seed, device):
     """Seeded random token counts, widths 16..160 (mostly not powers of two), η, λ, and every dtype of the device."""
-    use_backend("triton", device)
+    use_backend("triton")
     rng = random.Random(seed)
     tokens = (*(rng.randint(1, 3) for _ in range(rng.randint(0, 1))), rng.randint(1, 70), rng.randint(16, 160))
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
@@ -161,7 +147,7 @@ def test_ista_random_shapes(seed, device):
 
 
 def test_ista_repeated_backward_is_bitwise_equal(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, weight = _inputs((3, 67, 48), 48, torch.float16, device=device)
     grads = [_run(crate_kernels.ista, x, weight) for _ in range(2)]
     for first, second in zip(*grads, strict=True):
@@ -170,7 +156,7 @@ def test_ista_repeated_backward_is_bitwise_equal(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_nan_propagates_like_reference(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     x, weight = _inputs((2, 5, 16), 16, torch.float32, device=device)
     x[1, 2, 3] = float("nan")
     assert torch.equal(crate_kernels.ista(x, weight).isnan(), ista_ref(x, weight).isnan())
@@ -178,7 +164,7 @@ def test_ista_nan_propagates_like_reference(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_empty(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     x = torch.randn(0, 5, 16, requires_grad=True, device=device)
     weight = torch.randn(16, 16, requires_grad=True, device=device)
     crate_kernels.ista(x, weight).sum().backward()
@@ -186,14 +172,14 @@ def test_ista_empty(backend, device):
 
 
 def test_ista_forced_triton_lists_reasons(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, weight = torch.randn(2, 16, dtype=torch.float64, device=device), torch.randn(16, 16, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match=r"x has dtype torch\.float64"):
         crate_kernels.ista(x, weight.to(device))
 
 
 def test_ista_opcheck(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, weight = _inputs((2, 5, 24), 24, torch.float32, device=device)
     torch.library.opcheck(_ista_fwd_op, (x.requires_grad_(), weight.requires_grad_(), 0.1, 0.1))
     out = crate_kernels.ista(x.detach(), weight.detach())
@@ -201,7 +187,7 @@ def test_ista_opcheck(device):
 
 
 def test_ista_torch_compile_fullgraph(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, weight = _inputs((2, 9, 16), 16, torch.float32, device=device)
     compiled = torch.compile(lambda a, b: crate_kernels.ista(a, b, step_size=0.1, lambd=0.1) * 2, fullgraph=True)
     actual = _run(compiled, x, weight)
@@ -304,9 +290,7 @@ def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
     for name, (flags, out_dtype) in variants.items():
         types = {p: f"*{dtype}" for p in pointers} | {"c_ptr": f"*{out_dtype}", "alpha": "fp32", "threshold": "fp32"}
         constexprs = flags | {"UPCAST": False, "DOT_PRECISION": precision}
-        for config in configs:
-            shared = hopper_shared_memory(_ista_gemm_kernel, types, constexprs, config)
-            assert shared <= HOPPER_MAX_SHARED, f"{name}, {config}: {shared} B of shared memory"
+        assert_configs_fit_hopper(_ista_gemm_kernel, types, constexprs, configs, f"{name}, ")
 
 
 @pytest.mark.slow
@@ -328,5 +312,5 @@ def test_ista_default_config_fp32_gpu(monkeypatch, device):
 
     monkeypatch.setattr(_ista_gemm_kernel, "configs", [default_gemm_config()])
     monkeypatch.setattr(_ista_gemm_kernel, "cache", {})
-    use_backend("triton", device)
+    use_backend("triton")
     _check(*_inputs((4, 197, 384), 384, torch.float32, device=device))

@@ -8,8 +8,7 @@ import torch
 import crate_kernels
 from crate_kernels.ops.ista_overcomplete import _ista_overcomplete_bwd_op, _ista_overcomplete_fwd_op
 from reference.ista import ista_overcomplete_ref
-from tests.ops.test_ista import BACKENDS, DTYPES, RANDOM_SEEDS, use_backend
-from tests.utils import assert_close_to_ref, quick, seeded
+from tests.utils import BACKENDS, RANDOM_SEEDS, assert_close_to_ref, dtype_params, quick, seeded, use_backend
 
 # (tokens shape, D, m): overcomplete ratio 4 as CRATE-α and crate-lm, odd token counts, D ∈ {16, 24, 48, 64, 96}.
 SHAPES = quick(
@@ -23,6 +22,7 @@ SHAPES = quick(
     ]
 )
 IDS = ["x".join(map(str, t)) + f"-m{m}" for t, _, m in SHAPES]
+DTYPES = dtype_params(gpu_only=(torch.bfloat16,))
 VARIANTS = ["crate_lm", "crate_alpha"]  # shared D without residual; decoupled D1 with residual
 
 
@@ -102,7 +102,7 @@ def _check(inputs, step_size=0.1, lambd=0.1):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "D", "m"), SHAPES, ids=IDS)
 def test_ista_overcomplete_matches_reference(tokens, D, m, dtype, variant, backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     _check(_inputs(tokens, D, m, dtype, variant, device))
 
 
@@ -111,14 +111,14 @@ def test_ista_overcomplete_matches_reference(tokens, D, m, dtype, variant, backe
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ista_overcomplete_crate_alpha_shape(dtype, variant, device):
     """A CRATE-α-like width (384, m = 4D) over a full N = 197 sequence (minutes under the interpreter)."""
-    use_backend("triton", device)
+    use_backend("triton")
     _check(_inputs((2, 197, 384), 384, 1536, dtype, variant, device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_overcomplete_strided_input(backend, device):
     """Strided x, residual and dictionaries: copied once where the tokens cannot collapse, else read in place."""
-    use_backend(backend, device)
+    use_backend(backend)
     x, D, D_out, residual = _inputs((2, 10, 32), 32, 128, torch.float32, "crate_alpha", device, 0, 0.2, 0.05)
     wide = torch.zeros(2, 20, 64, device=device)
     wide[:, ::2, ::2] = x
@@ -131,7 +131,7 @@ def test_ista_overcomplete_strided_input(backend, device):
 @pytest.mark.parametrize("seed", RANDOM_SEEDS)
 def test_ista_overcomplete_random_shapes(seed, device):
     """Seeded random token counts, widths 16..80, ratios 1..4, η, λ, both variants, every dtype of the device."""
-    use_backend("triton", device)
+    use_backend("triton")
     rng = random.Random(seed)
     tokens = (*(rng.randint(1, 3) for _ in range(rng.randint(0, 1))), rng.randint(1, 40))
     D = rng.randint(16, 80)
@@ -143,7 +143,7 @@ def test_ista_overcomplete_random_shapes(seed, device):
 
 
 def test_ista_overcomplete_repeated_backward_is_bitwise_equal(device):
-    use_backend("triton", device)
+    use_backend("triton")
     inputs = _inputs((2, 67, 24), 24, 96, torch.float16, "crate_alpha", device)
     grads = [_run(crate_kernels.ista_overcomplete, *inputs) for _ in range(2)]
     for first, second in zip(*grads, strict=True):
@@ -152,7 +152,7 @@ def test_ista_overcomplete_repeated_backward_is_bitwise_equal(device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_overcomplete_nan_propagates_like_reference(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     x, D, D_out, residual = _inputs((2, 5, 16), 16, 64, torch.float32, "crate_alpha", device)
     x[0, 1, 2] = float("nan")
     out = crate_kernels.ista_overcomplete(x, D, D_out, residual=residual)
@@ -161,7 +161,7 @@ def test_ista_overcomplete_nan_propagates_like_reference(backend, device):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_ista_overcomplete_empty(backend, device):
-    use_backend(backend, device)
+    use_backend(backend)
     x = torch.randn(2, 0, 16, requires_grad=True, device=device)
     D = torch.randn(16, 64, requires_grad=True, device=device)
     crate_kernels.ista_overcomplete(x, D).sum().backward()
@@ -169,14 +169,14 @@ def test_ista_overcomplete_empty(backend, device):
 
 
 def test_ista_overcomplete_forced_triton_lists_reasons(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, D = torch.randn(2, 16, dtype=torch.float64, device=device), torch.randn(16, 64, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match=r"x has dtype torch\.float64"):
         crate_kernels.ista_overcomplete(x, D.to(device))
 
 
 def test_ista_overcomplete_opcheck(device):
-    use_backend("triton", device)
+    use_backend("triton")
     x, D, D_out, residual = _inputs((2, 5, 16), 16, 64, torch.float32, "crate_alpha", device)
     leaves = [t.requires_grad_() for t in (x, D, D_out, residual)]
     torch.library.opcheck(_ista_overcomplete_fwd_op, (*leaves, 0.1, 0.1))
@@ -187,7 +187,7 @@ def test_ista_overcomplete_opcheck(device):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ista_overcomplete_torch_compile_fullgraph(variant, device):
-    use_backend("triton", device)
+    use_backend("triton")
     inputs = _inputs((2, 9, 16), 16, 64, torch.float32, variant, device)
     compiled = torch.compile(lambda *a, **k: crate_kernels.ista_overcomplete(*a, **k) * 2, fullgraph=True)
     actual = _run(compiled, *inputs)

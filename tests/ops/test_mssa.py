@@ -18,35 +18,30 @@ from crate_kernels.ops import mssa as ops_mssa
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
 from tests.utils import (
-    HOPPER_MAX_SHARED,
+    BACKENDS,
+    KERNEL_DTYPES,
     assert_close_to_ref,
+    assert_configs_fit_hopper,
     compile_for_hopper,
-    hopper_shared_memory,
+    dtype_params,
     quick,
     run_without_interpreter,
     seeded,
+    use_backend,
 )
 
 # (B, H, N, P): CRATE-S head width 48, odd token counts, N = 1.
 SHAPES = quick([(2, 3, 17, 48), (1, 1, 1, 16), (2, 2, 64, 32), (3, 1, 2, 80), (1, 2, 33, 64), (1, 1, 19, 128)])
 IDS = [f"{B}x{H}x{N}x{P}" for B, H, N, P in SHAPES]
-BACKENDS = ["torch", "triton"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DTYPE_IDS = ["fp32", "fp16", "bf16"]
+DTYPES = dtype_params()
 
-# DESIGN §4's grid. Under the interpreter every (P, N) pair runs at B = H = 1; the (B, H) mixes behind `slow`.
+# The shapes that matter (docs/design.md, 'Testing rules'). Under the interpreter every (P, N) pair runs at B = H = 1;
+# the (B, H) mixes behind `slow`.
 GRID_P = [16, 32, 48, 64, 80, 128]
 GRID_N = [1, 2, 17, 64, 197, 257]
 GRID_BH = [(1, 1), (2, 3), (3, 6), (1, 12)]
 
 ON_DEVICE = torch.cuda.is_available() or backend.interpreting()
-
-
-def _use(name: str) -> None:
-    """Select a backend; "triton" needs CUDA or the interpreter, exactly as the dispatch rule says."""
-    if name == "triton" and not ON_DEVICE:
-        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
-    crate_kernels.set_backend(name)
 
 
 @pytest.fixture(autouse=True)
@@ -89,15 +84,15 @@ def _run_ref(w: torch.Tensor, scale=None, is_causal=False, attn_mask=None) -> tu
 
 
 def _check(w: torch.Tensor, **kwargs) -> None:
-    """Both rules of DESIGN §4 where the kernels ran. The PyTorch path is held to the dtype ceilings (rule b) alone:
-    on CPU, SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20), ~5× the fp32 error of the math
-    form.
+    """Both numerics rules (docs/design.md, 'Numerics rules') where the kernels ran. The PyTorch path is held to the
+    dtype ceilings (rule b) alone: on CPU, SDPA's flash kernel takes exp from a 20-bit approximation (ATen's exp_u20),
+    ~5× the fp32 error of the math form.
 
-    fp32 dw is held to rule (b) alone as well: the FlashAttention backward takes Δ = rowsum(dO ∘ O) (issue 3), whose
-    rounding does not cancel that of dP in dP − Δ as autograd's rowsum(dP ∘ A) does. Measured at 2×3×17×48: the
-    kernel's error 2.7–6.2e-6 against the fp32 reference's 1.3–3.0e-6 (|dw| ≤ 4), and the same formulation written in
-    plain fp32 PyTorch reproduces the kernel's error to the last bit, so it is the formulation, not the kernel. In fp16
-    and bf16 the operand rounding dominates and rule (a) applies."""
+    fp32 dw is held to rule (b) alone as well: the FlashAttention backward takes Δ = rowsum(dO ∘ O) (docs/design.md,
+    'MSSA backward'), whose rounding does not cancel that of dP in dP − Δ as autograd's rowsum(dP ∘ A) does. Measured at
+    2×3×17×48: the kernel's error 2.7–6.2e-6 against the fp32 reference's 1.3–3.0e-6 (|dw| ≤ 4), and the same
+    formulation written in plain fp32 PyTorch reproduces the kernel's error to the last bit, so it is the formulation,
+    not the kernel. In fp16 and bf16 the operand rounding dominates and rule (a) applies."""
     out, dw = _run(w, **kwargs)
     mask, is_causal = kwargs.get("attn_mask"), kwargs.get("is_causal", False)
     ref64_kwargs = dict(kwargs, attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double())
@@ -115,41 +110,41 @@ def _randn(shape, device, dtype=torch.float32, seed=0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=IDS)
 def test_mssa_matches_reference(shape, dtype, backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     _check(_randn(shape, device, dtype))
 
 
 @pytest.mark.parametrize("P", GRID_P)
 @pytest.mark.parametrize("N", GRID_N)
 def test_mssa_kernel_design_grid(N, P, device):
-    _use("triton")
+    use_backend("triton")
     _check(_randn((1, 1, N, P), device))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("B", "H"), GRID_BH, ids=[f"B{B}H{H}" for B, H in GRID_BH])
 @pytest.mark.parametrize("P", GRID_P)
 @pytest.mark.parametrize("N", GRID_N)
 def test_mssa_kernel_design_grid_heads(N, P, B, H, dtype, device):
-    _use("triton")
+    use_backend("triton")
     _check(_randn((B, N, H, P), device, dtype).transpose(1, 2))  # the projection's (B, N, H, P) storage
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=IDS[:3])
 def test_mssa_causal(shape, backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     _check(_randn(shape, device), is_causal=True)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("mask_shape", ["BHNN", "1HNN", "NN", "B11N", "key_padding"])
 def test_mssa_bool_masks(mask_shape, backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     B, H, N, P = 2, 3, 17, 32
     full = torch.rand(B, H, N, N, generator=seeded(2)) > 0.4
     full[0, 1, 5] = False  # a fully masked row: zero, as SDPA
@@ -166,7 +161,7 @@ def test_mssa_bool_masks(mask_shape, backend_name, device):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_mssa_fully_masked_rows_are_zero_with_zero_gradient(backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     B, H, N, P = 2, 2, 23, 16
     keep = torch.ones(B, N, dtype=torch.bool, device=device)
     keep[1] = False  # batch element 1 attends to nothing: its every row is masked
@@ -177,7 +172,7 @@ def test_mssa_fully_masked_rows_are_zero_with_zero_gradient(backend_name, device
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_mssa_reads_the_transposed_projection_and_custom_scale(backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     B, N, H, P = 2, 19, 3, 48
     w = _randn((B, N, H, P), device).transpose(1, 2)  # the qkv output, viewed per head
     assert not w.is_contiguous()
@@ -202,7 +197,7 @@ class _LaunchSpy:
 
 def test_mssa_kernels_read_the_callers_storage_in_place(monkeypatch, device):
     """No copy of the transposed projection or of a strided gradient: the kernels get the callers' storage."""
-    _use("triton")
+    use_backend("triton")
     fwd, bwd = _LaunchSpy(ops_mssa._mssa_fwd_kernel), _LaunchSpy(ops_mssa._mssa_bwd_kernel)
     monkeypatch.setattr(ops_mssa, "_mssa_fwd_kernel", fwd)
     monkeypatch.setattr(ops_mssa, "_mssa_bwd_kernel", bwd)
@@ -218,7 +213,7 @@ def test_mssa_kernels_read_the_callers_storage_in_place(monkeypatch, device):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_mssa_stride_zero_grad_output(backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     w = _randn((2, 2, 9, 16), device).requires_grad_()
     out = crate_kernels.mssa(w)
     out.sum().backward()  # sum's backward is an expanded, stride-0 gradient
@@ -229,7 +224,7 @@ def test_mssa_stride_zero_grad_output(backend_name, device):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_mssa_strided_grad_output(backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     w = _randn((2, 3, 21, 32), device).requires_grad_()
     grad_out = _randn((2, 21, 3, 64), device, seed=1)[..., ::2].transpose(1, 2)  # every second column, transposed
     (dw,) = torch.autograd.grad(crate_kernels.mssa(w), w, grad_out)
@@ -240,7 +235,7 @@ def test_mssa_strided_grad_output(backend_name, device):
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 def test_mssa_nan_propagates_like_reference(backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     w = _randn((1, 2, 8, 16), device)
     w[0, 1, 3, 5] = float("nan")
     out = crate_kernels.mssa(w)
@@ -256,7 +251,7 @@ def test_mssa_nan_propagates_like_reference(backend_name, device):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("shape", [(0, 2, 5, 16), (2, 2, 0, 16)], ids=["B=0", "N=0"])
 def test_mssa_empty(shape, backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     w = torch.randn(shape, device=device, requires_grad=True)
     out = crate_kernels.mssa(w)
     out.sum().backward()
@@ -266,7 +261,7 @@ def test_mssa_empty(shape, backend_name, device):
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
 def test_mssa_deterministic_backward(is_causal, backend_name, device):
-    _use(backend_name)
+    use_backend(backend_name)
     w = _randn((2, 3, 33, 32), device)
     assert torch.equal(_run(w, is_causal=is_causal)[1], _run(w, is_causal=is_causal)[1])
 
@@ -276,7 +271,7 @@ def test_mssa_deterministic_backward(is_causal, backend_name, device):
 )
 def test_mssa_small_blocks_cover_tiles_tails_and_the_causal_band(block_m, block_n, tiles, device):
     """Many row and key tiles with partial tails; unequal tiles move the causal band off the block grid."""
-    _use("triton")
+    use_backend("triton")
     tiles(block_m, block_n)
     w = _randn((2, 2, 53, 48), device)
     mask = torch.rand(2, 1, 53, 53, generator=seeded(3)).to(device) > 0.3
@@ -294,7 +289,7 @@ def test_mssa_small_blocks_cover_tiles_tails_and_the_causal_band(block_m, block_
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_mssa_autotune_tiles_gpu(block_m, block_n, num_warps, num_stages, dtype, tiles, device):
     """The tiles autotuning may pick, each on its own, compiled for GPU (the other tests take the default tile)."""
-    _use("triton")
+    use_backend("triton")
     tiles(block_m, block_n, num_warps, num_stages)
     for N, P in [(197, 48), (257, 128), (300, 80)]:
         w = _randn((2, 3, N, P), device, dtype)
@@ -310,7 +305,7 @@ def _random_case(rng: random.Random, device: torch.device) -> tuple[torch.Tensor
         rng.choice([1, 2, 3, 5, 16, 31, 64, 97, 130]),
         rng.randint(1, 128),
     )
-    dtype = rng.choice(DTYPES)
+    dtype = rng.choice(KERNEL_DTYPES)
     w = _randn((B, N, H, P), device, dtype, seed=rng.randrange(2**31)).transpose(1, 2)
     kwargs = {"is_causal": rng.random() < 0.5}
     kind = rng.choice(["none", "key_padding", "BHNN", "1H1N"])
@@ -326,7 +321,7 @@ def _random_case(rng: random.Random, device: torch.device) -> tuple[torch.Tensor
 
 @pytest.mark.parametrize("seed", range(20))
 def test_mssa_random_shapes(seed, device):
-    _use("triton")
+    use_backend("triton")
     w, kwargs = _random_case(random.Random(seed), device)
     _check(w, **kwargs)
 
@@ -334,14 +329,14 @@ def test_mssa_random_shapes(seed, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(200))
 def test_mssa_random_shapes_gpu(seed, device):
-    _use("triton")
+    use_backend("triton")
     w, kwargs = _random_case(random.Random(1000 + seed), device)
     _check(w, **kwargs)
 
 
 def test_mssa_fwd_layout_and_lse(device):
     """The launcher's contract: out is (B, N, H, P) storage viewed (B, H, N, P); lse is the base-2 log-sum-exp."""
-    _use("triton")
+    use_backend("triton")
     B, H, N, P = 2, 3, 20, 16
     w = _randn((B, H, N, P), device)
     keep = torch.ones(B, N, dtype=torch.bool, device=device)
@@ -357,7 +352,7 @@ def test_mssa_fwd_layout_and_lse(device):
 
 
 def test_mssa_forced_triton_refuses_with_every_reason(device):
-    _use("triton")
+    use_backend("triton")
     w = _randn((1, 1, 4, 136), device).double()
     float_mask = torch.zeros(4, 4, dtype=torch.float64, device=device)
     with pytest.raises(NotImplementedError, match="cannot run these inputs") as info:
@@ -367,7 +362,7 @@ def test_mssa_forced_triton_refuses_with_every_reason(device):
 
 
 def test_mssa_mismatched_mask_shape_raises_before_dispatch(device):
-    _use("triton")
+    use_backend("triton")
     w = _randn((2, 1, 4, 16), device)
     with pytest.raises(ValueError, match=r"attn_mask must be broadcastable to \(B, H, N, N\)"):
         crate_kernels.mssa(w, attn_mask=torch.ones(3, 4, 4, dtype=torch.bool, device=device))
@@ -391,7 +386,7 @@ def test_mssa_auto_falls_back_silently_and_correctly(shape, dtype, mask, device,
 
 
 def test_mssa_opcheck(device):
-    _use("triton")
+    use_backend("triton")
     w = _randn((2, 2, 19, 48), device).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
     mask = torch.rand(2, 19, generator=seeded(5)).to(device) > 0.3
     torch.library.opcheck(torch.ops.crate_kernels.mssa_fwd, (w, mask, 0.2, True))
@@ -402,7 +397,7 @@ def test_mssa_opcheck(device):
 
 
 def test_mssa_torch_compile_fullgraph(device):
-    _use("triton")
+    use_backend("triton")
     torch._dynamo.reset()
 
     def layer(w: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -481,9 +476,7 @@ def _shared_memory_of_kept_configs(dtype: str, precision: str, N: int, P: int) -
     types |= {"Mask": "*u8", "scale": "fp32"}
     constexprs = {"P_PAD": max(16, triton.next_power_of_2(P)), "IS_CAUSAL": False, "HAS_MASK": True}
     constexprs |= {"UPCAST": False, "DOT_PRECISION": precision}
-    for config in configs:
-        shared = hopper_shared_memory(kernels._mssa_bwd_kernel, types, constexprs, config)
-        assert shared <= HOPPER_MAX_SHARED, f"{config}: {shared} B of shared memory"
+    assert_configs_fit_hopper(kernels._mssa_bwd_kernel, types, constexprs, configs)
 
 
 @pytest.mark.slow
@@ -500,7 +493,7 @@ def test_mssa_pruned_backward_configs_fit_hopper():
 @pytest.mark.gpu
 def test_mssa_int64_offsets(device):
     """B·H·N·P > 2³¹: the last head of the last batch element is still right."""
-    _use("triton")
+    use_backend("triton")
     B, H, N, P = 2100, 16, 1024, 64
     w = torch.randn(B, N, H, P, device=device, dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
     assert w.numel() > 2**31

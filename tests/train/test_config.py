@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from crate_kernels.train.config import ConfigError, TrainConfig, from_flat, parse_args, parse_model_args
+from crate_kernels.models import parse_model_args
+from crate_kernels.train.config import ConfigError, TrainConfig, from_flat, parse_args
 
 
 def test_config_defaults_are_the_digits_demo():
@@ -71,3 +72,50 @@ def test_config_files_toml_and_json(tmp_path):
         parse_args(["--config", str(bad)])
     with pytest.raises(TypeError, match=r"optim\.warmup_steps: expected int, got float"):
         from_flat({"optim.warmup_steps": 1.5}, TrainConfig())
+
+
+def test_config_help_documents_every_flag_and_its_choices(capsys):
+    from crate_kernels.train.config import CHOICES, FIELD_DOCS, LEAVES, build_parser
+
+    assert set(FIELD_DOCS) == set(LEAVES) and all(FIELD_DOCS.values())  # a new field needs its trailing comment
+    text = " ".join(build_parser().format_help().split())
+    for key, doc in FIELD_DOCS.items():
+        assert " ".join(doc.split()) in text, key
+    for key, allowed in CHOICES.items():
+        assert "{" + ",".join(allowed) + "}" in text, key
+    assert "crate_demo, crate_lm_demo" not in text and "crate_demo," in text  # --model lists the registry
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--optim.lrr", "1"], "unknown flag --optim.lrr; did you mean --optim.lr"),
+        (["--stepz=3"], "unknown flag --stepz; did you mean --steps"),
+        (["--optim.learning_rate", "1"], "unknown flag --optim.learning-rate; --optim.* flags: --optim.batch-size,"),
+        (["--data.zzz", "1"], "unknown flag --data.zzz; --data.* flags: --data.block-size, --data.crop-scale"),
+    ],
+)
+def test_config_mistyped_flag_says_what_it_meant(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_config_choice_says_what_it_meant():
+    with pytest.raises(ConfigError, match=r"--precision must be one of auto, fp32, bf16, fp16; got 'bf61'; did you"):
+        parse_args(["--precision", "bf61"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", r"run.json'?: the top level must be an object of config values .* got a list"),
+        ('"steps"', "got a str"),
+        ('{"steps": 5,}', r"run.json'?: not valid JSON"),
+    ],
+)
+def test_config_json_file_that_is_not_an_object(tmp_path, text, message):
+    path = tmp_path / "run.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(path)])

@@ -245,3 +245,21 @@ def test_folder_without_readable_images_fails_early(tmp_path):
     (tmp_path / "a" / "y.png").write_text("not an image")
     with pytest.raises(ValueError, match="no file of this set can be read"):
         load_dataset(DataConfig(name=str(tmp_path), val_fraction=0.5), text=False)
+
+
+def test_data_crafted_cifar_batch_runs_nothing(tmp_path):
+    from tests.train.test_faults import WritesAFile
+
+    cifar, marker = tmp_path / "cifar", tmp_path / "ran"
+    cifar.mkdir()
+    for name in ("data_batch_1", "test_batch"):
+        batch = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1]}
+        (cifar / name).write_bytes(pickle.dumps(batch, protocol=2))  # the python batches' own protocol
+    assert load_dataset(DataConfig(name=str(cifar)), text=False)[0].images.shape == (2, 3, 32, 32)
+    hostile = {b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": WritesAFile(marker)}
+    (cifar / "data_batch_1").write_bytes(pickle.dumps(hostile, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_1' is not a CIFAR python batch \(refused \S+\.exec:"):
+        load_dataset(DataConfig(name=str(cifar)), text=False)
+    assert not marker.exists()
+    pickle.loads((cifar / "data_batch_1").read_bytes())  # the crafted file does run code when plainly unpickled
+    assert marker.exists()

@@ -3,7 +3,7 @@ import torch
 
 from crate_kernels.train.config import from_flat
 from crate_kernels.train.data import Batch, load_dataset
-from crate_kernels.train.tasks import MAE, MLM, build_model
+from crate_kernels.train.tasks import MAE, MLM, model_for_run
 
 
 def _setup(task_cls, task: str, args: str):
@@ -13,7 +13,7 @@ def _setup(task_cls, task: str, args: str):
     if t.text:
         train_set.block_size = 16
     torch.manual_seed(0)
-    model, _ = build_model(cfg, t, train_set)
+    model, _ = model_for_run(cfg, t, train_set)
     batch = train_set.batch(torch.tensor([5, 11, 2, 40]), epoch=3)
     return t, model, batch
 

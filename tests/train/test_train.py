@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import crate_kernels
+from crate_kernels.models import parse_model_args
 from crate_kernels.train import checkpoint
 from crate_kernels.train.__main__ import main
-from crate_kernels.train.config import ConfigError, from_flat, parse_model_args
+from crate_kernels.train.config import ConfigError, from_flat
 from crate_kernels.train.loop import train
 from tests.train.helpers import make_image_folder
 
