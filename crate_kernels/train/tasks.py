@@ -5,8 +5,8 @@
   originals, masked inputs and completions.
 - ``lm``: causal character-level LM (next-character cross-entropy); perplexity; a generated sample.
 - ``mlm``: BERT-style masked LM (mask 15 %: 80 % [MASK], 10 % random, 10 % kept); loss and accuracy on masked tokens.
-Inputs/targets come from ``data.py``: images (b, C, H, W) with labels (b,), or token windows (b, T) with the
-next-token windows (b, T).
+Each loss and evaluation gets a ``data.Batch``: images (b, C, H, W) with labels (b,), or token windows (b, T) with the
+next-token windows (b, T), and the samples' ids, which key their random draws (streams ``mix``, ``mask``, ``eval``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from torch import nn
 from crate_kernels import files
 from crate_kernels.models.registry import parse_model_args
 from crate_kernels.plots import image_grid
+from crate_kernels.train import streams
+from crate_kernels.train.augment import mix_pairs
 from crate_kernels.train.config import TrainConfig, did_you_mean
-from crate_kernels.train.data import TEXT_VOCAB, ImageSet, TextSet, decode_text, encode_text
+from crate_kernels.train.data import TEXT_VOCAB, Batch, DataSet, decode_text, encode_text
 
 
 class Task:
@@ -35,100 +37,82 @@ class Task:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
 
-    def data_overrides(self, train: ImageSet | TextSet) -> dict[str, Any]:
+    def data_overrides(self, train: DataSet) -> dict[str, Any]:
         """Constructor arguments the data dictates (image size, channels, classes)."""
-        C, H, _ = train.images.shape[1:]
+        C, H, _ = train.image_shape
         return {"image_size": H, "channels": C}
 
-    def loss(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        generator: torch.Generator,
-        samples: list[torch.Generator] | None = None,
-    ) -> torch.Tensor:
-        """The micro-batch's loss; ``generator`` for per-micro-batch draws (mixup), ``samples`` (one per sample, see
-        ``sample_generators``) for per-sample draws (MAE and MLM masks), the micro-batch's generator when None."""
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The training micro-batch's loss; per-sample draws come from each sample's stream (seed, epoch, id)."""
         raise NotImplementedError
 
-    def eval_sums(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    def eval_sums(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(1 + len(eval_names),) float64: sample count, then the sums of each evaluation quantity."""
         raise NotImplementedError
+
+    def sample_generators(self, batch: Batch) -> list[torch.Generator]:
+        """One generator per sample for its mask: stream ``mask`` (seed, epoch, id) in training, ``eval`` (id) for
+        held-out samples (the same masks at every evaluation)."""
+        if batch.epoch < 0:
+            return streams.sample_generators("eval", samples=batch.ids)
+        return streams.sample_generators("mask", self.cfg.seed, batch.epoch, samples=batch.ids)
 
     def metrics(self, sums: torch.Tensor) -> dict[str, float]:
         count = max(float(sums[0]), 1.0)
         return {f"eval_{name}": float(s) / count for name, s in zip(self.eval_names, sums[1:], strict=True)}
 
-    def finish(self, model: nn.Module, val: ImageSet | TextSet, run_dir: Path, is_main: bool) -> list[str]:
+    def finish(self, model: nn.Module, val: DataSet, run_dir: Path, is_main: bool) -> list[str]:
         """Artefacts of a finished run (collective under FSDP2: every rank calls it); returns lines to print."""
         return []
-
-
-def sample_generators(seed: int, step: int, first: int, n: int) -> list[torch.Generator]:
-    """One generator per sample, keyed by its position ``first + i`` in step ``step``'s GLOBAL batch: the masks a
-    sample gets do not depend on the world size or the split into micro-batches."""
-    return [torch.Generator().manual_seed(hash((seed, step, 2, first + i)) & (2**62 - 1)) for i in range(n)]
 
 
 class Classify(Task):
     eval_names = ("loss", "accuracy")
 
-    def data_overrides(self, train: ImageSet) -> dict[str, Any]:
+    def data_overrides(self, train: DataSet) -> dict[str, Any]:
         return super().data_overrides(train) | {"num_classes": train.num_classes}
 
-    def loss(self, model, x, y, generator, samples=None):
-        if self.cfg.task.mixup > 0:
-            # Mix each sample with its mirror in the micro-batch; one Beta(a, a) weight per micro-batch.
-            lam = _beta(self.cfg.task.mixup, generator)
-            logits = model(lam * x + (1 - lam) * x.flip(0))
-            smooth = self.cfg.task.label_smoothing
-            return lam * F.cross_entropy(logits, y, label_smoothing=smooth) + (1 - lam) * F.cross_entropy(
-                logits, y.flip(0), label_smoothing=smooth
-            )
-        return F.cross_entropy(model(x), y, label_smoothing=self.cfg.task.label_smoothing)
+    def loss(self, model, batch):
+        x, y, smooth = batch.inputs, batch.targets, self.cfg.task.label_smoothing
+        task = self.cfg.task
+        if task.mixup == 0 and task.cutmix == 0:
+            return F.cross_entropy(model(x), y, label_smoothing=smooth)
+        mixed, partner, lam = mix_pairs(x, batch.ids, self.cfg.seed, batch.epoch, task.mixup, task.cutmix)
+        logits = model(mixed)
+        own = F.cross_entropy(logits, y, label_smoothing=smooth, reduction="none")
+        other = F.cross_entropy(logits, y[partner], label_smoothing=smooth, reduction="none")
+        lam = lam.to(own.device)
+        return (lam * own + (1 - lam) * other).mean()
 
-    def eval_sums(self, model, x, y, batch):
-        logits = model(x).float()
-        loss = F.cross_entropy(logits, y, reduction="sum")
-        correct = (logits.argmax(-1) == y).sum()
-        return torch.stack([torch.tensor(len(y)), loss.cpu(), correct.cpu()]).double()
-
-
-def _beta(a: float, generator: torch.Generator) -> float:
-    """Beta(a, a) drawn from a seeded generator (torch's Beta sampler takes none), leaving the global RNG alone."""
-    seed = int(torch.randint(2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return float(torch.distributions.Beta(a, a).sample())
+    def eval_sums(self, model, batch):
+        logits = model(batch.inputs).float()
+        loss = F.cross_entropy(logits, batch.targets, reduction="sum")
+        correct = (logits.argmax(-1) == batch.targets).sum()
+        return torch.stack([torch.tensor(len(batch)), loss.cpu(), correct.cpu()]).double()
 
 
 class MAE(Task):
-    def loss(self, model, x, y, generator, samples=None):
-        # The masks come from the samples' own generators, not the global RNG: that is the same on every rank (seeded
-        # alike for identical initial weights), so drawing from it would give every rank the same masks.
+    def _noise(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """(b, patches) uniform noise, row i from sample i's generator: the model keeps each row's smallest."""
         grid_h, grid_w = model_attr(model, "grid")
-        generators = samples or [generator] * len(x)
-        noise = torch.stack([torch.rand(grid_h * grid_w, generator=g) for g in generators]).to(x.device)
-        loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
+        rows = [torch.rand(grid_h * grid_w, generator=g) for g in self.sample_generators(batch)]
+        return torch.stack(rows).to(batch.inputs.device)
+
+    def loss(self, model, batch):
+        loss, _, _ = model(batch.inputs, mask_ratio=self.cfg.task.mask_ratio, noise=self._noise(model, batch))
         return loss
 
-    def eval_sums(self, model, x, y, batch):
-        # Fixed masks per evaluation batch, so evaluations at different steps are comparable.
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            torch.manual_seed(batch)
-            loss, _, _ = model(x, mask_ratio=self.cfg.task.mask_ratio)
-        return torch.stack([torch.tensor(len(x)), loss.detach().float().cpu() * len(x)]).double()
+    def eval_sums(self, model, batch):
+        loss, _, _ = model(batch.inputs, mask_ratio=self.cfg.task.mask_ratio, noise=self._noise(model, batch))
+        return torch.stack([torch.tensor(len(batch)), loss.detach().float().cpu() * len(batch)]).double()
 
     def finish(self, model, val, run_dir, is_main):
         """A picture: originals, masked inputs (masked patches grey) and the model's completions, 8 images."""
-        x, _ = val.batch(torch.arange(min(8, len(val))))
-        x = x.to(next(model.parameters()).device)
-        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
-            torch.manual_seed(0)
-            _, _, mask = model(x, mask_ratio=self.cfg.task.mask_ratio)
-            torch.manual_seed(0)  # the same masks again
-            completed = model.reconstruct(x, mask_ratio=self.cfg.task.mask_ratio)
+        batch = val.batch(torch.arange(min(8, len(val)))).to(next(model.parameters()).device)
+        x, noise = batch.inputs, self._noise(model, batch)
+        with torch.no_grad():
+            _, _, mask = model(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
+            completed = model.reconstruct(x, mask_ratio=self.cfg.task.mask_ratio, noise=noise)
         if not is_main:
             return []
         p = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[0]
@@ -148,13 +132,14 @@ class LM(Task):
     def data_overrides(self, train):
         return {"block_size": self.cfg.data.block_size} if self.cfg.data.block_size else {}
 
-    def loss(self, model, x, y, generator, samples=None):
-        logits = model(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+    def loss(self, model, batch):
+        logits = model(batch.inputs)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten())
 
-    def eval_sums(self, model, x, y, batch):
-        loss = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten(), reduction="sum") / y.shape[1]
-        return torch.stack([torch.tensor(len(x)), loss.cpu()]).double()
+    def eval_sums(self, model, batch):
+        y = batch.targets
+        loss = F.cross_entropy(model(batch.inputs).flatten(0, 1).float(), y.flatten(), reduction="sum") / y.shape[1]
+        return torch.stack([torch.tensor(len(batch)), loss.cpu()]).double()
 
     def metrics(self, sums):
         out = super().metrics(sums)
@@ -162,8 +147,8 @@ class LM(Task):
 
     def finish(self, model, val, run_dir, is_main):
         prompt = encode_text("The ")[None].to(next(model.parameters()).device)
-        with torch.no_grad(), torch.random.fork_rng(devices=[prompt.device] if prompt.is_cuda else []):
-            torch.manual_seed(0)  # every rank draws the same sample (FSDP2 runs the forward collectively)
+        # Every rank draws the same sample (FSDP2 runs the forward collectively).
+        with torch.no_grad(), streams.fork("report", device=prompt.device):
             ids = model.generate(prompt, self.cfg.task.sample_tokens, temperature=0.8, top_k=20)
         text = decode_text(ids[0].cpu())
         if is_main:
@@ -197,12 +182,12 @@ class MLM(Task):
         inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
         return inputs, torch.where(chosen, x, -100)
 
-    def loss(self, model, x, y, generator, samples=None):
-        inputs, targets = self._mask(model, x, samples or [generator] * len(x))
+    def loss(self, model, batch):
+        inputs, targets = self._mask(model, batch.inputs, self.sample_generators(batch))
         return F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
-    def eval_sums(self, model, x, y, batch):
-        inputs, targets = self._mask(model, x, [torch.Generator().manual_seed(batch)] * len(x))
+    def eval_sums(self, model, batch):
+        inputs, targets = self._mask(model, batch.inputs, self.sample_generators(batch))
         logits = model(inputs).float()
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         correct = ((logits.argmax(-1) == targets) & (targets >= 0)).sum()
@@ -218,7 +203,7 @@ def model_attr(model: nn.Module, name: str) -> Any:
     return getattr(getattr(inner, "module", inner), name)
 
 
-def model_for_run(cfg: TrainConfig, task: Task, train: ImageSet | TextSet) -> tuple[nn.Module, dict[str, Any]]:
+def model_for_run(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Module, dict[str, Any]]:
     """``crate_kernels.create_model(--model, **data overrides, **--model.args)`` and the arguments it got.
 
     Raises ValueError naming the flag for an unknown name, a bad argument or arguments that contradict the data.

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from crate_kernels.train import checkpoint
 from crate_kernels.train.__main__ import main
 from crate_kernels.train.config import ConfigError, from_flat
 from crate_kernels.train.loop import train
+from tests.train.helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16}
@@ -90,12 +92,29 @@ def test_train_resume_is_bit_exact(tmp_path):
     run = tmp_path / "b" / "run"
     last = checkpoint.checkpoints(run)
     assert [p.name for p in last] == ["step_0000004", "step_0000005"]
-    import shutil
-
     shutil.rmtree(last[-1])  # killed after step 5 before its checkpoint: resumes from step 4
     resumed = train(tiny(tmp_path / "b", **noisy))
     assert losses(run) == losses(tmp_path / "a" / "run")  # exact float equality at every step
     assert resumed == whole
+
+
+def test_train_image_folder_resumes_mid_epoch_bit_exact(tmp_path, image_folder, capsys):
+    """An image folder of mixed sizes, modes and unreadable files, read in DataLoader workers with the paper's crop,
+    flips, RandAugment and CutMix: stopped mid-epoch and resumed with another worker count, the same losses."""
+    root, bad = image_folder
+    images = {"data__name": str(root), "data__image_size": 8, "data__val_fraction": 0.25, "optim__batch_size": 6}
+    images |= {"data__crop_scale": 0.08, "data__hflip": True, "data__randaugment": 2, "task__cutmix": 1.0}
+    images |= {"steps": 7, "ckpt_every": 2, "eval_every": 7}  # 3 steps per epoch
+    train(tiny(tmp_path / "a", data__workers=2, **images))
+    named = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped an unreadable file: ")]
+    train(tiny(tmp_path / "b", max_steps=4, data__workers=0, **images))
+    shutil.rmtree(checkpoint.checkpoints(tmp_path / "b" / "run")[-1])  # resumes from step 2, mid-epoch 0
+    train(tiny(tmp_path / "b", data__workers=1, **images))
+    whole, resumed = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert whole == resumed and set(whole) == set(range(1, 8))
+    last = json.loads((tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_accuracy" in last and last["unreadable_files"] == len(named) == len(set(named)) >= 1
+    assert {line.split(": ", 1)[1].split(" (")[0] for line in named} <= {str(p) for p in bad}
 
 
 def test_train_resume_is_bit_exact_fp16(tmp_path, monkeypatch):
@@ -142,6 +161,7 @@ def test_train_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         ({"model.args": "dim='wide'"}, "dim must be a positive int"),
         ({"optim.batch_size": 4096}, "larger than the training set"),
         ({"parallel": "ddp"}, "must run under torchrun"),
+        ({"optim.batch_size": 15, "task.mixup": 0.2}, r"mix pairs of samples: the micro-batch \(15\) must be even"),
     ],
 )
 def test_train_bad_config_fails_before_training(tmp_path, values, message):
@@ -167,21 +187,32 @@ def test_train_default_backend_smoke(tmp_path):
 
 # One xdist worker runs both (`--dist loadgroup`): two torchrun launches at once can race for the same free port.
 @pytest.mark.xdist_group("torchrun")
-@pytest.mark.parametrize(("parallel", "task"), [("ddp", "classify"), ("fsdp2", "classify"), ("ddp", "mae")])
-def test_train_two_processes_match_one(tmp_path, parallel, task):
+@pytest.mark.parametrize(
+    ("parallel", "task", "data"), [("ddp", "classify", "folder"), ("fsdp2", "classify", ""), ("ddp", "mae", "")]
+)
+def test_train_two_processes_match_one(tmp_path, parallel, task, data):
     """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: same losses.
 
-    The FSDP2 run stops at step 2 and resumes to 4 from its sharded checkpoint. The MAE run checks that each
-    sample's random mask does not depend on the rank or micro-batch it lands in.
+    The FSDP2 and image-folder runs stop at step 2 and resume to 4 (from the sharded checkpoint; mid-epoch, with
+    another DataLoader worker count than the single process). The MAE run checks that each sample's random mask does
+    not depend on the rank or micro-batch it lands in; the image folder that every sample's crop, flip and Mixup
+    weight do not.
     """
-    train(tiny(tmp_path / "single", max_steps=4, task__name=task))
+    extra = {"task.name": task}
+    if data == "folder":
+        make_image_folder(tmp_path / "images", per_class=32)  # 50 training samples: step 2 is mid-epoch
+        extra |= {"data.name": str(tmp_path / "images"), "data.image_size": 8, "data.val_fraction": 0.25}
+        extra |= {"data.crop_scale": 0.08, "data.hflip": True, "task.mixup": 0.5, "data.workers": 0}
+    train(tiny(tmp_path / "single", max_steps=4, **{k.replace(".", "__"): v for k, v in extra.items()}))
     flags = [f"--{k}={v}" for k, v in TINY.items()] + [f"--out={tmp_path / 'multi'}", "--optim.grad_accum=2"]
-    flags.append(f"--task={task}")
+    flags += [f"--{k}={v}" for k, v in extra.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     command += ["-m", "crate_kernels.train", f"--parallel={parallel}", *flags]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    for max_steps in (2, 4) if parallel == "fsdp2" else (4,):
-        done = subprocess.run([*command, f"--max-steps={max_steps}"], cwd=ROOT, env=env, capture_output=True, text=True)
+    for max_steps in (2, 4) if parallel == "fsdp2" or data else (4,):
+        workers = ["--data.workers=1"] if data and max_steps == 4 else []
+        run = [*command, f"--max-steps={max_steps}", *workers]
+        done = subprocess.run(run, cwd=ROOT, env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
     single, multi = losses(tmp_path / "single" / "run"), losses(tmp_path / "multi")
     assert single.keys() == multi.keys() == {1, 2, 3, 4}
