@@ -29,6 +29,7 @@ from benchmarks.shapes import (
     layer_flops,
     model_shapes,
     op_shapes,
+    optimizer_step,
     parameter_bytes,
     providers,
     tensor_bytes,
@@ -120,13 +121,8 @@ def bench_train_step(bench, shape: BenchShape, dtype: torch.dtype, provider: Pro
         images = torch.randn(shape.B, m.channels, m.image_size, m.image_size, device=device, dtype=dtype)
         return images, torch.randint(0, m.head_out, (shape.B,), device=device)
 
-    def step(inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        _loss(forward, inputs, targets).backward()
-        optimizer.step()
-
     bench(
-        step,
+        optimizer_step(optimizer, lambda inputs, targets: _loss(forward, inputs, targets)),
         make_inputs,
         mode="train_step",
         provider=provider,

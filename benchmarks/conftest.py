@@ -20,8 +20,9 @@ What the fixture does (see :meth:`Bench.__call__`):
   in ``extra_info``.
 
 Modes: ``fwd`` times ``fn(*inputs)``; ``bwd`` runs the forward untimed and times ``out.backward(grad)``; ``fwd_bwd``
-times both; ``train_step`` times ``fn(*inputs)`` as an opaque whole step (forward, backward, optimizer). For ``bwd`` and
-``fwd_bwd``, ``fn`` returns one tensor and the ``.grad`` of inputs that require grad are reset before each call.
+times both; ``train_step`` times ``fn(*inputs)`` as an opaque whole step (forward, backward, optimizer), ``load`` as
+one batch out of a data loader. For ``bwd`` and ``fwd_bwd``, ``fn`` returns one tensor and the ``.grad`` of inputs
+that require grad are reset before each call.
 
 Without CUDA, providers marked ``gpu`` are skipped with a reason saying their rows were not measured.
 
@@ -295,7 +296,7 @@ class Bench:
                 grad_out.append(torch.randn_like(out))
             out.backward(grad_out[0])
 
-        if mode in ("fwd", "train_step"):
+        if mode in ("fwd", "train_step", "load"):
             return next_inputs, lambda inputs: fn(*inputs)
         if mode == "bwd":
             return lambda: fn(*next_inputs()), backward

@@ -13,6 +13,7 @@ are the compulsory traffic (inputs, outputs, parameters and their gradients read
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +26,7 @@ from reference import crate as reference_crate
 from reference import crate_alpha as reference_crate_alpha
 from reference import crate_lm as reference_crate_lm
 
-MODES = ("fwd", "bwd", "fwd_bwd", "train_step")
+MODES = ("fwd", "bwd", "fwd_bwd", "train_step", "load")  # load: one batch out of a data loader
 # The op suites' modes, fwd_bwd first: a time-limited run measures the goals' mode before the others.
 OP_MODES = ("fwd_bwd", "fwd", "bwd")
 STEP_SIZE, LAMBD = 0.1, 0.1  # η and λ of the ISTA blocks in every preset
@@ -266,6 +267,16 @@ def headline_first(shapes: list[BenchShape], batches: tuple[int, ...] = (256, 64
     return sorted(shapes, key=lambda s: (not s.model.short.endswith("_b"), -s.B))
 
 
+# The data-loader suite: the loader at 224 px beside the training step of CRATE-T/16 and CRATE-B/16 at one batch.
+_CPU_DATA = [("crate_tiny_patch16_224", 8), ("crate_base_patch16_224", 8)]
+_GPU_DATA = [("crate_tiny_patch16_224", 256), ("crate_base_patch16_224", 256)]
+
+
+def data_shapes() -> list[BenchShape]:
+    """Shapes for the data-loader suite on this machine (each preset's images at its batch)."""
+    return [BenchShape(model_shape(n), b) for n, b in (_GPU_DATA if _on_gpu() else _CPU_DATA)]
+
+
 def bench_dtypes() -> list[torch.dtype]:
     """bf16 on GPU (the dtype of the goals); fp32 on CPU, where bf16 matmuls are not representative."""
     return [torch.bfloat16] if _on_gpu() else [torch.float32]
@@ -281,8 +292,8 @@ _FWD_FACTOR = {"fwd": 1.0, "bwd": 0.0, "fwd_bwd": 1.0, "train_step": 1.0}
 
 
 def _check_mode(mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in _FWD_FACTOR:
+        raise ValueError(f"mode must be one of {tuple(_FWD_FACTOR)} (modes that count FLOPs), got {mode!r}")
 
 
 def gemm_flops(M: int, N: int, K: int, mode: str) -> float:
@@ -341,6 +352,18 @@ def train_step_flops(shape: BenchShape) -> float:
         + embed
         + gemm_flops(head_rows, model.head_out, model.dim, "fwd_bwd")
     )
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Callable[..., torch.Tensor]) -> Callable[..., None]:
+    """A whole training step on given inputs, as a ``train_step`` row times it: zero the gradients, ``loss(*inputs)``
+    forward and backward, the optimizer's update."""
+
+    def step(*inputs) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss(*inputs).backward()
+        optimizer.step()
+
+    return step
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:

@@ -3,14 +3,13 @@
 A checkpoint is written into ``step_<N>.tmp/`` (each file written by ``crate_kernels.files``: fsynced and renamed),
 then renamed to ``step_<N>/`` by rank 0 and the parent directory fsynced: a crash at any point leaves either the old
 set of checkpoints or the old set plus a complete new one, never a half-written ``step_<N>/``. Contents:
-- ``train.pt`` (rank 0): step, scheduler state, the fp16 ``GradScaler`` state, and for ``none``/``ddp`` the full
-  model and optimizer state dicts;
+- ``train.pt`` (rank 0): step, scheduler state, the fp16 ``GradScaler`` state, the data position (epoch and offset
+  in the training order: ``loader.TrainBatches``), and for ``none``/``ddp`` the full model and optimizer state dicts;
 - ``model_optim/`` (``fsdp2``): the sharded model and optimizer state in ``torch.distributed.checkpoint`` format;
 - ``rng_rank<r>.pt`` (every rank): python, numpy, torch and CUDA generator states, as tensors and lists.
 Nothing is unpickled beyond what torch's weights-only unpickler admits: ``.pt`` files are read with
 ``torch.load(weights_only=True)``; the DCP folder's ``.metadata`` and its non-tensor entries, which DCP's own reader
-unpickles without restriction, go through the same unpickler with DCP's metadata classes allow-listed. The data
-position is the step (see ``data.py``).
+unpickles without restriction, go through the same unpickler with DCP's metadata classes allow-listed.
 
 Resuming takes the newest checkpoint that reads back whole; an unreadable one (torn, or refused by the unpickler) is
 named and set aside as ``step_<N>.unreadable``.
@@ -108,6 +107,7 @@ def save(
     ctx: Context,
     keep_last: int,
     scaler: torch.amp.GradScaler | None = None,
+    data: Any = None,
 ) -> Path:
     """Write the checkpoint after ``step`` optimizer steps; collective (every rank calls it).
 
@@ -123,6 +123,8 @@ def save(
         train_state: dict[str, Any] = {"step": step, "scheduler": scheduler.state_dict()}
         if scaler is not None and scaler.is_enabled():
             train_state["scaler"] = scaler.state_dict()  # its loss scale moves during fp16 training
+        if data is not None:
+            train_state["data"] = data.state_dict()
         if ctx.parallel == "fsdp2":
             try:
                 dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / "model_optim")
@@ -267,6 +269,7 @@ def _apply(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ctx: Context,
     scaler: torch.amp.GradScaler | None,
+    data: Any,
 ) -> int:
     """Restore everything ``save`` wrote into the (already wrapped) model and optimizer; returns the step."""
     train_state = read["train"]
@@ -281,6 +284,8 @@ def _apply(
     scheduler.load_state_dict(train_state["scheduler"])
     if scaler is not None and "scaler" in train_state:
         scaler.load_state_dict(train_state["scaler"])
+    if data is not None and "data" in train_state:
+        data.load_state_dict(train_state["data"])
     set_rng_state(read["rng"])
     return int(train_state["step"])
 
@@ -304,6 +309,7 @@ def resume(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ctx: Context,
     scaler: torch.amp.GradScaler | None = None,
+    data: Any = None,
 ) -> tuple[int, Path | None]:
     """Restore the newest checkpoint of ``run_dir`` that reads back whole; collective. Returns its step and path
     (0 and None when the run has none yet).
@@ -330,7 +336,7 @@ def resume(
             skipped.append((path, reason or "unreadable on another rank"))
             continue
         try:
-            step = _apply(path, read, model, optimizer, scheduler, ctx, scaler)
+            step = _apply(path, read, model, optimizer, scheduler, ctx, scaler, data)
         except CheckpointException as err:  # raised on every rank alike
             skipped.append((path, _reason(err)))
             continue

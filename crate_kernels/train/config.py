@@ -61,9 +61,13 @@ class ModelConfig:
 class DataConfig:
     name: str = ""  # digits | lfw | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
     val_fraction: float = 0.2  # held-out share for sets without an official split
-    image_size: int = 0  # resize images to this side; 0 = the data's own size
+    image_size: int = 0  # resize images to this side; 0 = the data's own size (224 for an image folder)
     crop_scale: float = 0.85  # random resized crop: smallest area share (1.0 = no crop)
     hflip: bool = False  # random horizontal flip (off for digits: a mirrored 2 is not a 2)
+    randaugment: int = 0  # RandAugment ops per training image (0 = off)
+    randaugment_magnitude: int = 9  # RandAugment strength, 0-30
+    workers: int = 2  # image folders: DataLoader processes decoding images (0 = decode in the training process)
+    prefetch: int = 2  # image folders: micro-batches each worker prepares ahead
     block_size: int = 0  # text window; 0 = the model's block_size
 
 
@@ -85,6 +89,7 @@ class TaskConfig:
     name: str = "classify"  # the objective: image classes, masked image completion, character LM or masked LM
     label_smoothing: float = 0.1  # classification targets: 1 - s on the class, s spread over all
     mixup: float = 0.0  # Beta(a, a) mixup for classification; 0 = off
+    cutmix: float = 0.0  # Beta(a, a) CutMix for classification; 0 = off (with mixup: one of the two per sample)
     mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
@@ -132,6 +137,7 @@ class TrainConfig:
         positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
         positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
         positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
+        positive |= {"--data.prefetch": self.data.prefetch}
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -139,6 +145,13 @@ class TrainConfig:
             raise ValueError(f"--max-steps must be >= 0 (0 = --steps), got {self.max_steps}")
         if not 0.0 < self.data.crop_scale <= 1.0:
             raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
+        counts = {"--data.workers": self.data.workers, "--data.randaugment": self.data.randaugment}
+        counts |= {"--task.mixup": self.task.mixup, "--task.cutmix": self.task.cutmix}
+        for flag, value in counts.items():
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if not 0 <= self.data.randaugment_magnitude <= 30:
+            raise ValueError(f"--data.randaugment_magnitude must be in [0, 30], got {self.data.randaugment_magnitude}")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ValueError(f"--data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
         if not 0.0 < self.task.mask_ratio < 1.0:  # the MAE loss averages over the masked patches: some must be

@@ -1,28 +1,29 @@
-"""Datasets held in memory, plain-torch augmentations, and a data order that is a pure function of the step.
+"""Training and held-out sets: small ones in memory, image folders read per sample; every set yields ``Batch``es.
 
 Embedded sets (no download): ``digits`` (scikit-learn, 1,797 8×8 grey digits, 10 classes), ``lfw`` (scikit-image
 ``lfw_subset``: 200 25×25 grey images, face / non-face), ``pydoc`` (Python's documentation text, ~465k characters,
-for character-level LM/MLM). Local paths: an image folder tree (``root/<class>/*.png``, or ``root/train/<class>`` and
-``root/val/<class>``), a CIFAR-10/100 python-batches directory, a text file.
+for character-level LM/MLM). Local paths: an image folder tree (``root/<class>/*``, or ``root/train/<class>`` and
+``root/val/<class>``), read per sample (``ImageFolder``), a CIFAR-10/100 python-batches directory, a text file.
 
-Order: epoch ``e`` is a permutation seeded by ``(seed, e)``; step ``s`` takes global batch ``s mod batches_per_epoch``
-of epoch ``s // batches_per_epoch``, and rank ``r`` its contiguous share of it. Random augmentations are drawn for the
-whole global batch from a generator seeded by ``(seed, s)``. So the data position IS the step: a resumed run sees the
-same samples with the same crops, and the samples of a step do not depend on the world size.
+Every set answers ``batch(ids, epoch, augment)``: the samples ``ids`` as a ``Batch``, in their training view of
+``epoch`` under ``augment`` or (``augment`` None) their held-out view. Which samples a step takes, and which rank
+takes which, is ``loader.py``'s.
 """
 
 from __future__ import annotations
 
 import codecs
-import math
+import dataclasses
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crate_kernels.train import folder, streams
+from crate_kernels.train.augment import Augment, crop_and_flip, eval_transform, rand_augment, resize, train_transform
 from crate_kernels.train.config import DataConfig
 
 try:  # numpy >= 2
@@ -31,7 +32,8 @@ except ImportError:  # numpy 1
     from numpy.core.multiarray import _reconstruct
 
 TEXT_VOCAB = 128  # ASCII; id 127 (DEL) never occurs in encoded text, so MLM can use it as [MASK]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # image folders are normalised with these
+FOLDER_SIZE = 224  # an image folder's side at --data.image_size 0: the paper's ImageNet resolution
 
 
 def encode_text(text: str) -> torch.Tensor:
@@ -43,6 +45,30 @@ def encode_text(text: str) -> torch.Tensor:
 
 def decode_text(ids: torch.Tensor) -> str:
     return bytes(int(i) if 0 <= i < 127 else ord("?") for i in ids.tolist()).decode("ascii")
+
+
+@dataclass
+class Batch:
+    """Samples ready for a model: ``inputs`` (b, C, H, W) normalised images or (b, T) token ids; ``targets`` (b,)
+    labels or (b, T) next-token ids; ``ids`` (b,) int64 their indices in their set, which per-sample streams (masks,
+    Mixup) are keyed by with ``epoch`` (−1 for held-out samples); ``unreadable``: files skipped on the way."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    ids: torch.Tensor
+    epoch: int = -1
+    unreadable: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return dataclasses.replace(self, inputs=move(self.inputs), targets=move(self.targets))
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies (DataLoader's ``pin_memory`` calls this), for an asynchronous copy to the GPU."""
+        return dataclasses.replace(self, inputs=self.inputs.pin_memory(), targets=self.targets.pin_memory())
 
 
 @dataclass
@@ -58,13 +84,34 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def batch(self, index: torch.Tensor, affine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images (b, C, H, W) and labels (b,); ``affine`` (b, 2, 3) resamples them (crop/flip)."""
-        x = self.images[index]
-        if affine is not None:
-            grid = F.affine_grid(affine, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        return (x - self.mean[:, None, None]) / self.std[:, None, None], self.labels[index]
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def batch(self, ids: torch.Tensor, epoch: int = -1, augment: Augment | None = None) -> Batch:
+        """Normalised images (b, C, H, W) of samples ``ids``, cropped, flipped and RandAugmented under ``augment``."""
+        x = self.images[ids]
+        if augment is not None and (augment.crop_scale < 1 or augment.hflip or augment.randaugment):
+            x = _augmented(x, ids, epoch, augment)
+        return Batch((x - self.mean[:, None, None]) / self.std[:, None, None], self.labels[ids], ids, epoch)
+
+
+def _augmented(images: torch.Tensor, ids: torch.Tensor, epoch: int, augment: Augment) -> torch.Tensor:
+    """Each image (b, C, H, W) resampled at its crop box (fractional: these images are small) and flip."""
+    b, _, H, W = images.shape
+    theta = torch.zeros(b, 2, 3)
+    generators = [augment.generator(epoch, int(i)) for i in ids]
+    for k, g in enumerate(generators):
+        (top, left, h, w), flip = crop_and_flip(H, W, augment, g, whole_pixels=False)
+        # affine_grid maps output to input in coordinates where [-1, 1] spans the image.
+        theta[k, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * left + w) / W - 1])
+        theta[k, 1] = torch.tensor([0, h / H, (2 * top + h) / H - 1])
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if augment.randaugment:
+        ops, magnitude = augment.randaugment, augment.magnitude
+        out = torch.stack([rand_augment(x, ops, magnitude, g) for x, g in zip(out, generators, strict=True)])
+    return out
 
 
 @dataclass
@@ -77,33 +124,94 @@ class TextSet:
     def __len__(self) -> int:
         return max(0, (self.tokens.numel() - 1) // self.block_size)
 
-    def batch(self, index: torch.Tensor, affine: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, ids: torch.Tensor, epoch: int = -1, augment: Augment | None = None) -> Batch:
         """Inputs (b, block) and next-character targets (b, block)."""
-        starts = index[:, None] * self.block_size + torch.arange(self.block_size + 1)
+        starts = ids[:, None] * self.block_size + torch.arange(self.block_size + 1)
         window = self.tokens[starts]
-        return window[:, :-1], window[:, 1:]
+        return Batch(window[:, :-1], window[:, 1:], ids, epoch)
+
+
+@dataclass
+class Sample:
+    """One image of an ``ImageFolder``: ``image`` (3, size, size) normalised (None: unreadable, dropped), its
+    ``label``, ``id`` and ``epoch``, and the files that could not be read on the way to it."""
+
+    image: torch.Tensor | None
+    label: int
+    id: int
+    epoch: int
+    unreadable: list[str] = field(default_factory=list)
+
+
+class ImageFolder:
+    """Samples ``index`` (n,) of a scanned folder (``folder.scan``), decoded one by one at ``size`` × ``size``.
+
+    A training sample (``epoch`` ≥ 0) whose file cannot be read is replaced by the next readable file of the set, so
+    a batch keeps its size and holds the same samples under any world size; a held-out one (``epoch`` −1) is dropped.
+    Either way the file's name travels with the batch (``Batch.unreadable``) and lands in ``self.unreadable``.
+    """
+
+    def __init__(self, files: folder.FileList, labels: np.ndarray, index: np.ndarray, num_classes: int, size: int):
+        self.files, self.labels, self.index, self.num_classes, self.size = files, labels, index, num_classes, size
+        self.mean, self.std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        self.unreadable: set[str] = set()  # met by this process (the loader adds each batch's)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return 3, self.size, self.size
+
+    def sample(self, i: int, epoch: int = -1, augment: Augment | None = None) -> Sample:
+        unreadable = []
+        for j in range(i, i + (len(self) if epoch >= 0 else 1)):
+            file_index = int(self.index[j % len(self)])
+            try:
+                image = folder.decode(self.files[file_index])
+            except Exception as err:  # Pillow's decoders raise many types on corrupt data
+                unreadable.append(f"{self.files[file_index]} ({type(err).__name__}: {err})")
+                continue
+            if augment is None:
+                view = eval_transform(image, self.size)
+            else:
+                view = train_transform(image, self.size, augment, epoch, i)
+            view = (view - self.mean[:, None, None]) / self.std[:, None, None]
+            return Sample(view, int(self.labels[file_index]), i, epoch, unreadable)
+        if epoch >= 0:
+            raise ValueError(f"--data: no file of this set can be read, e.g. {unreadable[0]}")
+        return Sample(None, -1, i, epoch, unreadable)
+
+    def batch(self, ids: torch.Tensor, epoch: int = -1, augment: Augment | None = None) -> Batch:
+        return collate([self.sample(int(i), epoch, augment) for i in ids])
+
+
+def collate(samples: list[Sample]) -> Batch:
+    """``ImageFolder`` samples -> one Batch (unreadable held-out samples left out; possibly none left)."""
+    kept = [s for s in samples if s.image is not None]
+    unreadable = tuple(name for s in samples for name in s.unreadable)
+    inputs = torch.stack([s.image for s in kept]) if kept else torch.empty(0)
+    targets, ids = torch.tensor([s.label for s in kept]), torch.tensor([s.id for s in kept])
+    return Batch(inputs, targets, ids, samples[0].epoch if samples else -1, unreadable)
+
+
+DataSet = ImageSet | ImageFolder | TextSet
 
 
 # ---- loading ----
 
 
 def _split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed held-out split (independent of --seed, so every run evaluates on the same images)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1234))
+    """A fixed held-out split (stream ``split``: independent of --seed, so every run evaluates on the same images)."""
+    perm = torch.randperm(n, generator=streams.generator("split"))
     n_val = round(n * val_fraction)
     return perm[n_val:], perm[:n_val]
-
-
-def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    if size == 0 or images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
 
 
 def _image_sets(
     train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], cfg: DataConfig
 ) -> tuple[ImageSet, ImageSet]:
-    train_x, val_x = _resize(train[0], cfg.image_size), _resize(val[0], cfg.image_size)
+    train_x, val_x = (resize(x, cfg.image_size) if cfg.image_size else x for x in (train[0], val[0]))
     num_classes = int(max(train[1].max(), val[1].max() if val[1].numel() else 0)) + 1
     mean = train_x.mean(dim=(0, 2, 3))
     std = train_x.std(dim=(0, 2, 3)).clamp_min(1e-3)
@@ -115,24 +223,25 @@ def _split_arrays(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig):
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
-def _load_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from PIL import Image
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        for file in sorted((root / name).rglob("*")):
-            if file.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(file) as im:
-                    array = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-                images.append(torch.from_numpy(array).permute(2, 0, 1))
-                labels.append(label)
-    if not images:
-        raise ValueError(f"--data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(root)!r}/<class>/")
-    size = images[0].shape[-2:]
-    # Images of other sizes are brought to the first one's (set --data.image_size for a chosen size).
-    images = [im if im.shape[-2:] == size else _resize(im[None], size[0])[0] for im in images]
-    return torch.stack(images), torch.tensor(labels), classes
+def _folder_sets(path: Path, cfg: DataConfig) -> tuple[ImageFolder, ImageFolder]:
+    """``path/train`` and ``path/val`` when both exist, else a held-out share of ``path``; read per sample."""
+    size = cfg.image_size or FOLDER_SIZE
+    if (path / "train").is_dir() and (path / "val").is_dir():
+        files, labels, classes = folder.scan(path / "train")
+        val_files, val_labels, val_classes = folder.scan(path / "val")
+        if val_classes != classes:
+            raise ValueError(f"--data: {str(path / 'val')!r} has classes {val_classes}, train has {classes}")
+        train = ImageFolder(files, labels, np.arange(len(files)), len(classes), size)
+        val = ImageFolder(val_files, val_labels, np.arange(len(val_files)), len(classes), size)
+    else:
+        files, labels, classes = folder.scan(path)
+        train_index, val_index = _split(len(files), cfg.val_fraction)
+        train = ImageFolder(files, labels, train_index.numpy(), len(classes), size)
+        val = ImageFolder(files, labels, val_index.numpy(), len(classes), size)
+    for split in (train, val):
+        if len(split):
+            split.sample(0, epoch=0)  # a set without one readable file fails here, before any training
+    return train, val
 
 
 # The globals a pickled numpy array names (numpy 1 wrote numpy.core, numpy 2 writes numpy._core), and the one that
@@ -181,7 +290,7 @@ def is_cifar(root: Path) -> bool:
     return (root / "test_batch").is_file() or ((root / "train").is_file() and (root / "test").is_file())
 
 
-def load_dataset(cfg: DataConfig, text: bool) -> tuple[ImageSet | TextSet, ImageSet | TextSet]:
+def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
     """(train, held-out) sets for ``cfg.name``; ``text`` selects character-level text (LM/MLM tasks).
 
     Text sets get their block size later (``TextSet.block_size``, from the model or ``--data.block_size``).
@@ -221,15 +330,8 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[ImageSet | TextSet, Image
         return _image_sets(*_split_arrays(images, labels, cfg), cfg)
     if path.is_dir() and is_cifar(path):
         return _image_sets(*_load_cifar(path), cfg)
-    if path.is_dir() and (path / "train").is_dir() and (path / "val").is_dir():
-        train_x, train_y, classes = _load_folder(path / "train")
-        val_x, val_y, val_classes = _load_folder(path / "val")
-        if val_classes != classes:
-            raise ValueError(f"--data: {str(path / 'val')!r} has classes {val_classes}, train has {classes}")
-        return _image_sets((train_x, train_y), (val_x, val_y), cfg)
     if path.is_dir():
-        images, labels, _ = _load_folder(path)
-        return _image_sets(*_split_arrays(images, labels, cfg), cfg)
+        return _folder_sets(path, cfg)
     raise ValueError(f"--data: an image task needs digits, lfw, an image folder or CIFAR batches, got {name!r}")
 
 
@@ -257,81 +359,3 @@ def photograph(name: str = "astronaut", size: int = 224, channels: int = 3) -> t
     img = transform.resize(img, (size, size), anti_aliasing=True)  # floats in [0, 1]
     t = torch.as_tensor(img, dtype=torch.float32)
     return (t[None] if channels == 1 else t.permute(2, 0, 1))[None]
-
-
-# ---- order and augmentation ----
-
-
-def _generator(*keys: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash(keys) & (2**62 - 1))
-
-
-def batches_per_epoch(n: int, batch_size: int) -> int:
-    if n < batch_size:
-        raise ValueError(f"--optim.batch_size {batch_size} is larger than the training set ({n} samples)")
-    return n // batch_size  # the incomplete last batch is dropped: every step sees a full global batch
-
-
-def global_batch(step: int, n: int, batch_size: int, seed: int) -> torch.Tensor:
-    """Sample indices (batch_size,) of the global batch that step ``step`` (0-based) trains on."""
-    per_epoch = batches_per_epoch(n, batch_size)
-    epoch, position = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=_generator(seed, epoch))
-    return perm[position * batch_size : (position + 1) * batch_size]
-
-
-def random_affine(batch_size: int, crop_scale: float, hflip: bool, generator: torch.Generator) -> torch.Tensor | None:
-    """``F.affine_grid`` matrices (batch_size, 2, 3) of a random resized crop and flip; None when both are off.
-
-    The crop keeps an area share in [crop_scale, 1] with aspect ratio in [3/4, 4/3] (torchvision's
-    RandomResizedCrop, clipped to the image) at a uniform position; the flip mirrors x with probability ½.
-    """
-    if crop_scale >= 1.0 and not hflip:
-        return None
-    area = torch.empty(batch_size).uniform_(crop_scale, 1.0, generator=generator)
-    log_ratio = torch.empty(batch_size).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    # Half-widths in normalised coordinates ([-1, 1] spans the image).
-    sx = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
-    sy = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    tx = (1 - sx) * torch.empty(batch_size).uniform_(-1, 1, generator=generator)
-    ty = (1 - sy) * torch.empty(batch_size).uniform_(-1, 1, generator=generator)
-    flip = torch.rand(batch_size, generator=generator) < 0.5 if hflip else torch.zeros(batch_size, dtype=torch.bool)
-    theta = torch.zeros(batch_size, 2, 3)
-    theta[:, 0, 0] = torch.where(flip, -sx, sx)
-    theta[:, 0, 2] = tx
-    theta[:, 1, 1] = sy
-    theta[:, 1, 2] = ty
-    return theta
-
-
-def rank_micro_batches(
-    dataset: ImageSet | TextSet, step: int, cfg: DataConfig, batch_size: int, grad_accum: int, seed: int, world: tuple
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's ``grad_accum`` micro-batches (inputs, targets) for step ``step``; ``world`` = (rank, world_size)."""
-    rank, world_size = world
-    index = global_batch(step, len(dataset), batch_size, seed)
-    affine = None
-    if isinstance(dataset, ImageSet):
-        affine = random_affine(batch_size, cfg.crop_scale, cfg.hflip, _generator(seed, step, 1))
-    share = batch_size // world_size
-    micro = share // grad_accum
-    out = []
-    for k in range(grad_accum):
-        lo = rank * share + k * micro
-        part = None if affine is None else affine[lo : lo + micro]
-        out.append(dataset.batch(index[lo : lo + micro], part))
-    return out
-
-
-def eval_batches(dataset: ImageSet | TextSet, batch_size: int, world: tuple):
-    """This rank's share of the held-out set, in order: (inputs, targets, sample indices, weight) with at most
-    ``batch_size`` samples.
-
-    Every rank yields the same number of batches (FSDP2 runs each forward collectively); a rank left without samples
-    in the last one gets a stand-in sample with weight 0.
-    """
-    rank, world_size = world
-    for lo in range(0, len(dataset), batch_size * world_size):
-        chunk = torch.arange(lo, min(lo + batch_size * world_size, len(dataset)))[rank::world_size]
-        index = chunk if len(chunk) else torch.tensor([0])
-        yield (*dataset.batch(index), index, float(len(chunk) > 0))

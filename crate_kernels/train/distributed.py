@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,15 @@ def all_reduce(values: torch.Tensor, ctx: Context, op: str = "sum") -> torch.Ten
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return values / ctx.world_size if op == "mean" else values
+
+
+def all_gather_objects(obj: Any, ctx: Context) -> list[Any]:
+    """Every rank's ``obj`` (picklable: our own values, never a file's), in rank order; ``[obj]`` on one process."""
+    if ctx.parallel == "none":
+        return [obj]
+    gathered = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier(ctx: Context) -> None:

@@ -16,13 +16,14 @@ import crate_kernels
 from crate_kernels import files
 from crate_kernels.measure import layerwise
 from crate_kernels.plots import format_table, plot_run
-from crate_kernels.train import checkpoint, distributed, run_folder
+from crate_kernels.train import checkpoint, distributed, run_folder, streams
 from crate_kernels.train.config import ConfigError, TrainConfig
-from crate_kernels.train.data import TextSet, batches_per_epoch, eval_batches, load_dataset, rank_micro_batches
+from crate_kernels.train.data import TextSet, load_dataset
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.faults import RunError, RunInterruptedError, StopSignals
+from crate_kernels.train.loader import TrainBatches, UnreadableFiles, check_batch_size, eval_batches
 from crate_kernels.train.optim import build_optimizer, build_scheduler
-from crate_kernels.train.tasks import TASK_CLASSES, Task, held_out_generators, model_for_run, sample_generators
+from crate_kernels.train.tasks import TASK_CLASSES, Task, model_for_run
 
 
 class Metrics:
@@ -71,9 +72,9 @@ def evaluate(task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Con
     model.eval()
     sums = torch.zeros(1 + len(task.eval_names), dtype=torch.float64)
     micro = cfg.optim.batch_size // (ctx.world_size * cfg.optim.grad_accum)
-    for x, y, index, weight in eval_batches(val, micro, ctx.world):
+    for batch, weight in eval_batches(val, micro, ctx.world, cfg, pin=ctx.device.type == "cuda"):
         with autocast():
-            sums += weight * task.eval_sums(model, x.to(ctx.device), y.to(ctx.device), held_out_generators(index))
+            sums += weight * task.eval_sums(model, batch.to(ctx.device, non_blocking=True))
     model.train()
     return task.metrics(distributed.all_reduce(sums.to(ctx.device), ctx).cpu())
 
@@ -123,18 +124,22 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
                 f"--optim.batch_size {cfg.optim.batch_size} must be a multiple of world size {ctx.world_size} × "
                 f"--optim.grad_accum {cfg.optim.grad_accum}"
             )
+        if (cfg.task.mixup or cfg.task.cutmix) and micro_batch % 2:
+            raise ValueError(
+                f"--task.mixup and --task.cutmix mix pairs of samples: the micro-batch ({micro_batch}) must be even"
+            )
         crate_kernels.set_backend(cfg.model.backend)
         train_set, val_set = load_dataset(cfg.data, task.text)
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards each rank's copy)
+        torch.manual_seed(streams.seed("init", cfg.seed))  # the same initial weights on every rank (FSDP2 shards them)
         model, model_args = model_for_run(cfg, task, train_set)
-        torch.manual_seed(cfg.seed + ctx.rank)  # then each rank its own stream: its own dropout masks
+        torch.manual_seed(streams.seed("dropout", cfg.seed, ctx.rank))  # then each rank its own dropout masks
         # The saved config names every constructor argument, data-derived ones included, so that the run folder
         # alone rebuilds the model (crate-measure reads it).
         args = ",".join(f"{k}={v!r}" for k, v in model_args.items())
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, args=args))
         if task.text:
             train_set.block_size = val_set.block_size = model.block_size
-        batches_per_epoch(len(train_set), cfg.optim.batch_size)
+        check_batch_size(len(train_set), cfg.optim.batch_size)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
 
@@ -151,8 +156,10 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
 
     # Nothing is written before the folder's record agrees with this config and a checkpoint has been read back.
     changed = run_folder.changes(cfg, run_dir) if checkpoint.checkpoints(run_dir) else {}
+    data = TrainBatches(train_set, cfg, ctx.world, pin=ctx.device.type == "cuda")
+    unreadable = UnreadableFiles(train_set, val_set)
     try:
-        step, resumed = checkpoint.resume(run_dir, model, optimizer, scheduler, ctx, scaler)
+        step, resumed = checkpoint.resume(run_dir, model, optimizer, scheduler, ctx, scaler, data)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     if ctx.is_main:
@@ -179,23 +186,18 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
             bar.close()
             saved = checkpoint.step_dir(run_dir, step)
             if not saved.is_dir():
-                checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler)
+                checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler, data)
             raise RunInterruptedError(
                 f"interrupted at step {step}; saved {saved}; run the same command to resume", signum
             )
-        micro = rank_micro_batches(
-            train_set, step, cfg.data, cfg.optim.batch_size, cfg.optim.grad_accum, cfg.seed, ctx.world
-        )
+        micro = next(data)  # this rank's micro-batches of the step's global batch
         lr = scheduler.get_last_lr()[0]
         step_loss = torch.zeros((), device=ctx.device)
-        for k, (x, y) in enumerate(micro):
-            generator = torch.Generator().manual_seed(hash((cfg.seed, step, ctx.rank, k)) & (2**62 - 1))
-            first = ctx.rank * (cfg.optim.batch_size // ctx.world_size) + k * len(x)  # as rank_micro_batches splits
-            samples = sample_generators(cfg.seed, step, first, len(x))
+        task.begin_step(forward, micro, lambda t: distributed.all_reduce(t.to(ctx.device), ctx).cpu())
+        for k, batch in enumerate(micro):
             with distributed.sync_gradients(model, ctx, sync=k == len(micro) - 1):
                 with autocast():
-                    loss = task.loss(forward, x.to(ctx.device), y.to(ctx.device), generator, samples, step)
-                    loss = loss / len(micro)
+                    loss = task.loss(forward, batch.to(ctx.device, non_blocking=True)) / len(micro)
                 scaler.scale(loss).backward()
             step_loss += loss.detach().float()
         if cfg.optim.grad_clip > 0:
@@ -216,17 +218,18 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
             record = {"step": step, "train_loss": train_loss, "lr": lr, "samples_per_s": samples / elapsed}
             if seq_len:
                 record["tokens_per_s"] = samples * seq_len / elapsed
-            metrics.log(record | {"peak_mem_mb": peak_memory_mb(ctx.device)})
+            metrics.log(record | {"peak_mem_mb": peak_memory_mb(ctx.device)} | unreadable.record(ctx, bar.write))
         if step % cfg.eval_every == 0 or step == cfg.last_step:
             evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
-            metrics.log({"step": step} | evaluated)
+            metrics.log({"step": step} | evaluated | unreadable.record(ctx, bar.write))
             if ctx.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
         if step % cfg.ckpt_every == 0 or step == cfg.last_step:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler)
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, ctx, cfg.keep_last, scaler, data)
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0:
             tick, last_logged = time.perf_counter(), step  # throughput leaves evaluation and checkpoints out
     bar.close()
+    data.close()
 
     if evaluated is None:  # nothing left to train: report on the finished run
         evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
@@ -248,9 +251,8 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
         lines.append(f"held-out accuracy: {100 * evaluated['eval_accuracy']:.2f}% ({len(val_set)} samples)")
     with autocast():
         lines += task.finish(model, val_set, run_dir, ctx.is_main)
-        x, _ = val_set.batch(torch.arange(min(256, len(val_set))))
-        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-            torch.manual_seed(0)  # the MAE's random masks
+        x = val_set.batch(torch.arange(min(256, len(val_set)))).inputs
+        with streams.fork("report", device=ctx.device):  # the MAE's random masks
             rows = layerwise(model, x.to(ctx.device))
         lines.append(format_table(rows))
     if ctx.is_main:

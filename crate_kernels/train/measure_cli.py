@@ -163,7 +163,7 @@ def load_inputs(model: nn.Module, data: DataConfig, batch_size: int, seed: int =
     if len(held_out) == 0:
         raise ValueError(f"--data: the held-out split of {data.name!r} holds no full sample for this model")
     index = torch.randperm(len(held_out), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    x, _ = held_out.batch(index)
+    x = held_out.batch(index).inputs
     return x if text else _fit_images(x, model)
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from crate_kernels.train import checkpoint
 from crate_kernels.train.__main__ import main
 from crate_kernels.train.config import ConfigError, from_flat
 from crate_kernels.train.loop import train
+from tests.train.helpers import make_image_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_ARGS = {"dim": 32, "depth": 2, "heads": 2, "dim_head": 16}
@@ -90,12 +92,29 @@ def test_train_resume_is_bit_exact(tmp_path):
     run = tmp_path / "b" / "run"
     last = checkpoint.checkpoints(run)
     assert [p.name for p in last] == ["step_0000004", "step_0000005"]
-    import shutil
-
     shutil.rmtree(last[-1])  # killed after step 5 before its checkpoint: resumes from step 4
     resumed = train(tiny(tmp_path / "b", **noisy))
     assert losses(run) == losses(tmp_path / "a" / "run")  # exact float equality at every step
     assert resumed == whole
+
+
+def test_train_image_folder_resumes_mid_epoch_bit_exact(tmp_path, image_folder, capsys):
+    """An image folder of mixed sizes, modes and unreadable files, read in DataLoader workers with the paper's crop,
+    flips, RandAugment and CutMix: stopped mid-epoch and resumed with another worker count, the same losses."""
+    root, bad = image_folder
+    images = {"data__name": str(root), "data__image_size": 8, "data__val_fraction": 0.25, "optim__batch_size": 6}
+    images |= {"data__crop_scale": 0.08, "data__hflip": True, "data__randaugment": 2, "task__cutmix": 1.0}
+    images |= {"steps": 7, "ckpt_every": 2, "eval_every": 7}  # 3 steps per epoch
+    train(tiny(tmp_path / "a", data__workers=2, **images))
+    named = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped an unreadable file: ")]
+    train(tiny(tmp_path / "b", max_steps=4, data__workers=0, **images))
+    shutil.rmtree(checkpoint.checkpoints(tmp_path / "b" / "run")[-1])  # resumes from step 2, mid-epoch 0
+    train(tiny(tmp_path / "b", data__workers=1, **images))
+    whole, resumed = losses(tmp_path / "a" / "run"), losses(tmp_path / "b" / "run")
+    assert whole == resumed and set(whole) == set(range(1, 8))
+    last = json.loads((tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "eval_accuracy" in last and last["unreadable_files"] == len(named) == len(set(named)) >= 1
+    assert {line.split(": ", 1)[1].split(" (")[0] for line in named} <= {str(p) for p in bad}
 
 
 def test_train_resume_is_bit_exact_fp16(tmp_path, monkeypatch):
@@ -142,6 +161,7 @@ def test_train_crash_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
         ({"model.args": "dim='wide'"}, "dim must be a positive int"),
         ({"optim.batch_size": 4096}, "larger than the training set"),
         ({"parallel": "ddp"}, "must run under torchrun"),
+        ({"optim.batch_size": 15, "task.mixup": 0.2}, r"mix pairs of samples: the micro-batch \(15\) must be even"),
     ],
 )
 def test_train_bad_config_fails_before_training(tmp_path, values, message):
@@ -165,22 +185,35 @@ def test_train_default_backend_smoke(tmp_path):
     assert result["eval_loss"] > 0
 
 
-TEXT_TASK = {"model.args": TINY["model.args"] + ",block_size=32", "data.val_fraction": 0.005}
-TASKS = {"classify": {}, "mae": {}, "lm": TEXT_TASK, "mlm": TEXT_TASK}
+TEXT = {"model.args": TINY["model.args"] + ",block_size=32", "data.val_fraction": 0.005}
+# An image folder of 50 training samples (step 2 is mid-epoch), with every per-sample draw on: crops, flips, Mixup.
+FOLDER = {"data.image_size": 8, "data.val_fraction": 0.25, "data.crop_scale": 0.08, "data.hflip": True}
+FOLDER |= {"task.mixup": 0.5, "data.workers": 0}
+# run name -> its configuration beside TINY; every task, and classification on the image folder
+RUNS = {
+    "classify": {"task.name": "classify"},
+    "mae": {"task.name": "mae"},
+    "lm": {"task.name": "lm"} | TEXT,
+    "mlm": {"task.name": "mlm"} | TEXT,
+    "classify_folder": {"task.name": "classify"} | FOLDER,
+}
 
 
-def task_config(task: str, out: Path, **values) -> dict:
-    """The flat config of a 4-step run of ``task`` (evaluated at step 4) writing to ``out``."""
-    return TINY | TASKS[task] | {"task.name": task, "out": str(out), "max_steps": 4} | values
+def run_config(run: str, out: Path, images: Path, values: dict | None = None) -> dict:
+    """The flat configuration of a 4-step run (evaluated at step 4) writing to ``out``."""
+    data = {"data.name": str(images)} if run == "classify_folder" else {}
+    return TINY | RUNS[run] | data | {"out": str(out), "max_steps": 4} | (values or {})
 
 
 @pytest.fixture(scope="module")
-def single_process_runs(tmp_path_factory) -> Path:
-    """Every task trained 4 steps in this process: global batch 16 as one micro-batch."""
-    root = tmp_path_factory.mktemp("single")
-    for task in TASKS:
-        train(from_flat(task_config(task, root / task)))
-    return root
+def single_process_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """(the image folder, the runs' root): every run trained 4 steps in this process, the global batch of 16 as one
+    micro-batch."""
+    images, root = tmp_path_factory.mktemp("images"), tmp_path_factory.mktemp("single")
+    make_image_folder(images, per_class=32)
+    for run in RUNS:
+        train(from_flat(run_config(run, root / run, images)))
+    return images, root
 
 
 def records(run_dir: Path) -> tuple[dict[int, float], dict[str, float]]:
@@ -195,30 +228,34 @@ def records(run_dir: Path) -> tuple[dict[int, float], dict[str, float]]:
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
     """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: the same train
-    losses at every step and the same held-out metrics, for every task. One launch runs the four tasks in turn.
+    losses at every step and the same held-out metrics, for every task. One launch runs them all in turn.
 
     MAE and MLM check that each sample's random mask depends on neither the rank nor the micro-batch it lands in
-    (nor, held out, on the evaluation batch), and MLM that its loss is the mean over the global batch's masked
-    tokens. The FSDP2 runs stop at step 2 and resume to 4 from their sharded checkpoints.
+    (held out: nor on the evaluation batch), MLM that its loss is the mean over the global batch's masked tokens;
+    the image folder (DDP) that every sample's crop, flip and Mixup weight do not depend on them either. The FSDP2
+    runs stop at step 2 and resume to 4 from their sharded checkpoints; the image-folder run resumes mid-epoch with
+    another DataLoader worker count than the single process.
     """
-    stops = (2, 4) if parallel == "fsdp2" else (4,)
-    runs = [
-        task_config(task, tmp_path / task, parallel=parallel, max_steps=stop, **{"optim.grad_accum": 2})
-        for task in TASKS
-        for stop in stops
-    ]
+    images, single_root = single_process_runs
+    runs = [run for run in RUNS if parallel == "ddp" or run != "classify_folder"]
+    configs = []
+    for run in runs:
+        for stop in (2, 4) if parallel == "fsdp2" or run == "classify_folder" else (4,):
+            values = {"parallel": parallel, "max_steps": stop, "optim.grad_accum": 2}
+            values |= {"data.workers": 1} if run == "classify_folder" and stop == 4 else {}
+            configs.append(run_config(run, tmp_path / run, images, values))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "tests.train.run_configs", json.dumps(runs)]
+    command += ["-m", "tests.train.run_configs", json.dumps(configs)]
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    for task in TASKS:
-        (single, single_eval), (multi, multi_eval) = records(single_process_runs / task), records(tmp_path / task)
-        assert single.keys() == multi.keys() == {1, 2, 3, 4}, task
+    for run in runs:
+        (single, single_eval), (multi, multi_eval) = records(single_root / run), records(tmp_path / run)
+        assert single.keys() == multi.keys() == {1, 2, 3, 4}, run
         for step in single:
-            assert multi[step] == pytest.approx(single[step], rel=1e-5), (task, step)
-        assert multi_eval == pytest.approx(single_eval, rel=1e-5), task
-        written = {p.name for p in (checkpoint.checkpoints(tmp_path / task)[-1]).iterdir()}
+            assert multi[step] == pytest.approx(single[step], rel=1e-5), (run, step)
+        assert multi_eval == pytest.approx(single_eval, rel=1e-5), run
+        written = {p.name for p in (checkpoint.checkpoints(tmp_path / run)[-1]).iterdir()}
         assert written >= {"train.pt", "rng_rank0.pt", "rng_rank1.pt"}
         assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
 
