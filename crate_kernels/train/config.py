@@ -67,7 +67,6 @@ class DataConfig:
     randaugment: int = 0  # RandAugment ops per training image (0 = off)
     randaugment_magnitude: int = 9  # RandAugment strength, 0-30
     workers: int = 2  # image folders: DataLoader processes decoding images (0 = decode in the training process)
-    prefetch: int = 2  # image folders: micro-batches each worker prepares ahead
     block_size: int = 0  # text window; 0 = the model's block_size
 
 
@@ -137,16 +136,13 @@ class TrainConfig:
         positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
         positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
         positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
-        positive |= {"--data.prefetch": self.data.prefetch}
         for flag, value in positive.items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.max_steps < 0:
-            raise ValueError(f"--max-steps must be >= 0 (0 = --steps), got {self.max_steps}")
         if not 0.0 < self.data.crop_scale <= 1.0:
             raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
-        counts = {"--data.workers": self.data.workers, "--data.randaugment": self.data.randaugment}
-        counts |= {"--task.mixup": self.task.mixup, "--task.cutmix": self.task.cutmix}
+        counts = {"--max-steps": self.max_steps, "--data.workers": self.data.workers, "--task.cutmix": self.task.cutmix}
+        counts |= {"--data.randaugment": self.data.randaugment, "--task.mixup": self.task.mixup}
         for flag, value in counts.items():
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")

@@ -3,10 +3,10 @@
 Order: epoch e is the permutation of stream ``order`` (seed, e); each step takes the next ``batch_size`` samples of it
 (an epoch's incomplete tail is dropped: every step sees a full global batch), and rank r takes its contiguous share
 of them in ``grad_accum`` micro-batches. The position in the order (epoch, offset) goes into every checkpoint, so a
-resumed run continues at the exact sample under any number of processes. Crops, flips, Mixup and masks are keyed by
+resumed run continues at the exact sample, under one process or many. Crops, flips, Mixup and masks are keyed by
 (seed, epoch, sample id) (``streams``), so a sample gets the same ones whichever rank, micro-batch or DataLoader worker
-handles it. An image folder is decoded in ``--data.workers`` DataLoader processes (0: in this one), prefetching
-``--data.prefetch`` micro-batches each, into pinned memory when training on CUDA.
+handles it. An image folder is decoded in ``--data.workers`` DataLoader processes (0: in this one), each preparing
+``PREFETCH`` micro-batches ahead, into pinned memory when training on CUDA.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from crate_kernels.train.augment import Augment
 from crate_kernels.train.config import TrainConfig
 from crate_kernels.train.data import Batch, DataSet, ImageFolder, TextSet, collate
 from crate_kernels.train.distributed import Context
+
+PREFETCH = 2  # micro-batches each DataLoader worker prepares ahead (torch's default)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ def _folder_loader(images: ImageFolder, augment: Augment | None, keys: _Keys, cf
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin,
-        prefetch_factor=cfg.data.prefetch if workers else None,
+        prefetch_factor=PREFETCH if workers else None,
     )
 
 

@@ -18,9 +18,8 @@ from crate_kernels import files
 from crate_kernels.models.registry import parse_model_args
 from crate_kernels.train.config import ConfigError, TrainConfig, flag, flatten
 
-# Keys a resumed run may change and still be the same run (data.workers and data.prefetch: how, not which,
-# images are decoded).
-NOT_RESUMED = {"out", "max_steps", "progress", "allow_config_change", "data.workers", "data.prefetch"}
+# Keys a resumed run may change and still be the same run (data.workers: how, not which, images are decoded).
+NOT_RESUMED = {"out", "max_steps", "progress", "allow_config_change", "data.workers"}
 # Keys whose change makes the checkpoints unloadable: the model and its shapes, the objective, the optimizer state.
 INCOMPATIBLE = ("model.name", "model.args", "task.name", "optim.name")
 CONFIG, HISTORY = "config.json", "config_history.jsonl"
