@@ -45,6 +45,7 @@ def _program_head(H):
     return pid_bh, (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
 
 
+@triton.jit
 def _mssa_fwd_tiles(
     acc,
     m_i,
