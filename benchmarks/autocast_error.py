@@ -14,7 +14,7 @@ import time
 import torch
 
 import crate_kernels
-from tests.models.test_mixed_precision import FAMILIES, build
+from tests.models.test_mixed_precision import FAMILIES, build, output_errors
 
 
 def main() -> None:
@@ -36,15 +36,7 @@ def main() -> None:
         for backend in args.backends.split(","):
             crate_kernels.set_backend(backend)
             start = time.perf_counter()
-            f = build(family, dim, depth, heads, args.batch)
-            f.ours.to(device).eval(), f.ref.to(device).eval()
-            inputs = f.inputs.to(device)
-            with torch.no_grad():
-                exact = f.output(f.ref.double(), inputs.double() if inputs.is_floating_point() else inputs)
-                f.ref.float()
-                with torch.autocast(device.type, dtype=dtype):
-                    ours, upstream = f.output(f.ours, inputs), f.output(f.ref, inputs)
-            err = [(out.double() - exact).abs() for out in (ours, upstream)]
+            err = output_errors(build(family, dim, depth, heads, args.batch), dtype, device)
             largest = [e.max().item() for e in err]
             rms = [e.square().mean().sqrt().item() for e in err]
             print(
