@@ -42,9 +42,11 @@ class Augment:
         return streams.generator("augment", self.seed, epoch, sample)
 
 
-def crop_box(H: int, W: int, scale: float, g: torch.Generator, whole_pixels: bool) -> tuple[float, float, float, float]:
-    """(top, left, height, width) of a random resized crop of an H × W image: an area share in [scale, 1] and a
-    log-uniform aspect ratio in [3/4, 4/3] at a uniform position, each side clipped to the image.
+def crop_box(
+    H: int, W: int, scale: float, g: torch.Generator, whole_pixels: bool, max_scale: float = 1.0
+) -> tuple[float, float, float, float]:
+    """(top, left, height, width) of a random resized crop of an H × W image: an area share in [scale, max_scale]
+    and a log-uniform aspect ratio in [3/4, 4/3] at a uniform position, each side clipped to the image.
 
     torchvision's RandomResizedCrop redraws a box that does not fit (ten tries, then a centre crop); clipping it
     instead is what the small embedded sets trained with from the start (on 8 × 8 digits at scale 0.85, 72 % of
@@ -53,7 +55,7 @@ def crop_box(H: int, W: int, scale: float, g: torch.Generator, whole_pixels: boo
     (to crop a decoded image); otherwise it stays fractional (to resample a small in-memory image).
     """
     area, log_ratio, u_top, u_left = torch.rand(4, generator=g).tolist()
-    area = H * W * (scale + (1 - scale) * area)
+    area = H * W * (scale + (max_scale - scale) * area)
     ratio = math.exp(math.log(3 / 4) + log_ratio * math.log(16 / 9))
     w, h = min(W, math.sqrt(area * ratio)), min(H, math.sqrt(area / ratio))
     if whole_pixels:  # a uniform integer position, as torchvision's randint(0, H - h + 1)

@@ -25,7 +25,7 @@ from typing import Any
 
 from crate_kernels.models.registry import parse_model_args
 
-TASKS = ("classify", "mae", "lm", "mlm")
+TASKS = ("classify", "mae", "lm", "mlm", "dino")
 PARALLEL = ("none", "ddp", "fsdp2")
 # The model and data each task uses when --model / --data are not given.
 TASK_DEFAULTS = {
@@ -33,6 +33,7 @@ TASK_DEFAULTS = {
     "mae": ("crate_mae_demo", "digits"),
     "lm": ("crate_lm_demo", "pydoc"),
     "mlm": ("crate_mlm_demo", "pydoc"),
+    "dino": ("crate_demo", "digits"),
 }
 
 
@@ -85,13 +86,24 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "classify"  # the objective: image classes, masked image completion, character LM or masked LM
+    name: str = "classify"  # the objective: image classes, masked image completion, character LM, masked LM or
+    # self-distillation (DINO)
     label_smoothing: float = 0.1  # classification targets: 1 - s on the class, s spread over all
     mixup: float = 0.0  # Beta(a, a) mixup for classification; 0 = off
     cutmix: float = 0.0  # Beta(a, a) CutMix for classification; 0 = off (with mixup: one of the two per sample)
     mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
+    dino_head: tuple[int, int, int] = (512, 64, 256)  # DINO head: MLP width, bottleneck, prototypes K "w,b,K"
+    # (upstream 2048,256,65536)
+    dino_local_crops: int = 4  # DINO: local views per image, beside the 2 global ones (upstream 8-10)
+    dino_global_scale: tuple[float, float] = (0.4, 1.0)  # DINO: area share of a global view "lo,hi"
+    dino_local_scale: tuple[float, float] = (0.05, 0.4)  # DINO: area share of a local view "lo,hi"
+    dino_teacher_temp: tuple[float, float] = (0.04, 0.07)  # DINO: teacher softmax temperature, warm-up "from,to"
+    dino_teacher_temp_epochs: int = 10  # DINO: epochs of the teacher temperature's linear warm-up
+    dino_momentum: float = 0.996  # DINO: the teacher's EMA momentum at step 0, then a cosine to 1
+    dino_weight_decay_end: float = 0.4  # DINO: weight decay at the last step (a cosine from --optim.weight_decay)
+    dino_freeze_last_layer: int = 1  # DINO: epochs during which the head's last layer is not updated
 
 
 @dataclass(frozen=True)

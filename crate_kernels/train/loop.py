@@ -67,9 +67,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Context, autocast) -> dict[str, float]:
+def evaluate(
+    task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Context, autocast, train=None
+) -> dict[str, float]:
     """Held-out metrics over the whole split (each rank a share, summed across ranks)."""
     model.eval()
+    with autocast():
+        task.begin_eval(model, train, ctx)
     sums = torch.zeros(1 + len(task.eval_names), dtype=torch.float64)
     micro = cfg.optim.batch_size // (ctx.world_size * cfg.optim.grad_accum)
     for batch, weight in eval_batches(val, micro, ctx.world, cfg, pin=ctx.device.type == "cuda"):
@@ -116,9 +120,9 @@ def train(cfg: TrainConfig) -> dict[str, float]:
 
 def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float]:
     run_dir = Path(cfg.out)
-    task = TASK_CLASSES[cfg.task.name](cfg)
     micro_batch, remainder = divmod(cfg.optim.batch_size, ctx.world_size * cfg.optim.grad_accum)
     try:
+        task = TASK_CLASSES[cfg.task.name](cfg)
         if remainder or micro_batch == 0:
             raise ValueError(
                 f"--optim.batch_size {cfg.optim.batch_size} must be a multiple of world size {ctx.world_size} × "
@@ -203,11 +207,13 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
         if cfg.optim.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        task.before_update(base, optimizer, step)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        task.end_step(base, step, lambda t: distributed.all_reduce(t.to(ctx.device), ctx).cpu())
         train_loss = float(distributed.all_reduce(step_loss, ctx, op="mean"))
         bar.update(1)
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
@@ -220,7 +226,7 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
                 record["tokens_per_s"] = samples * seq_len / elapsed
             metrics.log(record | {"peak_mem_mb": peak_memory_mb(ctx.device)} | unreadable.record(ctx, bar.write))
         if step % cfg.eval_every == 0 or step == cfg.last_step:
-            evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
+            evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast, train_set)
             metrics.log({"step": step} | evaluated | unreadable.record(ctx, bar.write))
             if ctx.is_main:
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in evaluated.items()))
@@ -232,7 +238,7 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
     data.close()
 
     if evaluated is None:  # nothing left to train: report on the finished run
-        evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast)
+        evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast, train_set)
     _report(task, base, val_set, evaluated, metrics, run_dir, ctx, autocast)
     if cfg.export:
         checkpoint.export_safetensors(model, run_dir / "model.safetensors", ctx)

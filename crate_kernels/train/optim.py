@@ -52,6 +52,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
 
 
+def cosine(start: float, end: float, progress: float) -> float:
+    """From ``start`` at ``progress`` 0 to ``end`` at 1 along half a cosine."""
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``optim.lr`` at 0-based ``step``: linear warmup, then cosine down to ``optim.min_lr``, which the
     last step (``cfg.steps − 1``) trains with.
@@ -63,8 +68,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, cfg.steps - 1 - warmup))
-    floor = cfg.optim.min_lr / cfg.optim.lr
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return cosine(1.0, cfg.optim.min_lr / cfg.optim.lr, progress)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

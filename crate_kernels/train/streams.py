@@ -16,7 +16,8 @@ a resumed run continues bit-for-bit.
 | ``augment`` | seed, epoch, sample | a training sample's crop, flip and RandAugment ops |
 | ``mix`` | seed, epoch, sample | a training sample's Mixup / CutMix weight, choice and box |
 | ``mask`` | seed, epoch, sample | a training sample's MAE patch mask or MLM token mask |
-| ``eval`` | sample | a held-out sample's MAE / MLM mask: the same at every evaluation |
+| ``crops`` | seed, epoch, sample | a training sample's DINO views: crops, flips, colour jitter, blur, solarisation |
+| ``eval`` | sample | a held-out sample's MAE / MLM mask or DINO views: the same at every evaluation |
 | ``report`` | — | the end-of-run draws (per-layer table, pictures, generated text): the same on every rank |
 
 ``sample`` is the sample's index in its set (``Batch.ids``); an epoch draws each training sample once, so
@@ -40,6 +41,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "augment": ("seed", "epoch", "sample"),
     "mix": ("seed", "epoch", "sample"),
     "mask": ("seed", "epoch", "sample"),
+    "crops": ("seed", "epoch", "sample"),
     "eval": ("sample",),
     "report": (),
 }

@@ -1,4 +1,4 @@
-"""The four objectives: what a batch's loss is, what evaluation measures, and what a finished run leaves behind.
+"""The objectives: what a batch's loss is, what evaluation measures, and what a finished run leaves behind.
 
 - ``classify``: cross-entropy with label smoothing, optional mixup; held-out loss and accuracy.
 - ``mae``: CRATE-MAE masked completion (the model returns its reconstruction loss on masked patches); a picture of
@@ -6,6 +6,7 @@
 - ``lm``: causal character-level LM (next-character cross-entropy); perplexity; a generated sample.
 - ``mlm``: BERT-style masked LM (mask 15 %: 80 % [MASK], 10 % random, 10 % kept; the model's ``mask_tokens``); loss
   (the mean over the global batch's masked tokens) and accuracy on masked tokens.
+- ``dino``: self-distillation without labels, in its own module (``train/dino.py``).
 Each loss and evaluation gets a ``data.Batch``: images (b, C, H, W) with labels (b,), or token windows (b, T) with the
 next-token windows (b, T), and the samples' ids, which key their random draws (streams ``mix``, ``mask``, ``eval``).
 """
@@ -50,11 +51,25 @@ class Task:
         stream (seed, epoch, id)."""
         raise NotImplementedError
 
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        """The module the run trains, built around the registry's model (before it is moved and wrapped)."""
+        return model
+
     def begin_step(
         self, model: nn.Module, micro: list[Batch], all_reduce: Callable[[torch.Tensor], torch.Tensor]
     ) -> None:
         """Before a step's micro-batches (this rank's share of the global batch): a task whose loss needs a count
         over the whole global batch takes it here, summing over ranks with ``all_reduce`` (every rank calls it)."""
+
+    def before_update(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """After the gradients of 0-based ``step`` are reduced and clipped, before the optimizer applies them;
+        ``model`` unwrapped (inside DDP)."""
+
+    def end_step(self, model: nn.Module, step: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """After the optimizer's ``step``-th update (collective: every rank calls it); ``model`` unwrapped."""
+
+    def begin_eval(self, model: nn.Module, train: DataSet, ctx: Any) -> None:
+        """Before an evaluation's ``eval_sums`` (collective, in eval mode, without gradients)."""
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """(1 + len(eval_names),) float64: sample count, then the sums of each evaluation quantity."""
@@ -204,7 +219,13 @@ class MLM(Task):
         return torch.stack([(targets >= 0).sum().cpu(), loss.cpu(), correct.cpu()]).double()
 
 
-TASK_CLASSES = {"classify": Classify, "mae": MAE, "lm": LM, "mlm": MLM}
+def _dino(cfg: TrainConfig) -> Task:
+    from crate_kernels.train.dino import DINO  # it builds on this module
+
+    return DINO(cfg)
+
+
+TASK_CLASSES = {"classify": Classify, "mae": MAE, "lm": LM, "mlm": MLM, "dino": _dino}
 
 
 def model_attr(model: nn.Module, name: str) -> Any:
@@ -240,4 +261,4 @@ def model_for_run(cfg: TrainConfig, task: Task, train: DataSet) -> tuple[nn.Modu
         raise ValueError(f"--model {cfg.model.name}: vocab_size {model.vocab_size} < {TEXT_VOCAB} (ASCII)")
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    return model, derived | user
+    return task.prepare_model(model), derived | user
