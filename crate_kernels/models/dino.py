@@ -1,7 +1,8 @@
 """DINO's projection head and its student / EMA-teacher pair (Caron et al. 2021, upstream ``vision_transformer.py``).
 
-- :class:`DINOHead`: a 3-layer MLP (GELU) to a bottleneck, L2-normalised, then a weight-normalised linear layer to K
-  prototypes whose norms are fixed at 1 (upstream's ``norm_last_layer=True``), called ``last_layer``.
+- :class:`DINOHead`: a 3-layer MLP (GELU; BatchNorm after each hidden linear layer with ``batch_norm``, upstream's
+  ``use_bn_in_head``) to a bottleneck, L2-normalised, then a weight-normalised linear layer to K prototypes whose
+  norms are fixed at 1 (upstream's ``norm_last_layer=True``), called ``last_layer``.
 - :class:`SelfDistillation`: any image classifier of the registry (its [CLS] feature through its own final norm, the
   classifier removed) and a head, trained by gradient (the student), and the teacher: an exponential moving average
   of the same weights. The teacher's weights are buffers, not a second module: the model holds one set of layers
@@ -24,16 +25,27 @@ class DINOHead(nn.Module):
     Args:
         in_dim: the backbone's feature width D. out_dim: K prototypes. hidden_dim, bottleneck_dim: MLP widths
         (upstream: 2048 and 256). layers: linear layers before the bottleneck's normalisation (≥ 1; upstream 3).
+        batch_norm: BatchNorm1d after each hidden linear layer (statistics of the batch the head sees).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256, layers: int = 3):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        layers: int = 3,
+        batch_norm: bool = False,
+    ):
         super().__init__()
         if min(in_dim, out_dim, hidden_dim, bottleneck_dim, layers) < 1:
             raise ValueError("DINOHead: every width and the layer count must be >= 1")
         widths = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
         mlp: list[nn.Module] = []
         for k, (a, b) in enumerate(itertools.pairwise(widths)):
-            mlp += [nn.Linear(a, b)] + ([nn.GELU()] if k < layers - 1 else [])
+            mlp.append(nn.Linear(a, b))
+            if k < layers - 1:  # a hidden layer
+                mlp += [nn.BatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
         self.mlp = nn.Sequential(*mlp)
         self.out_dim = out_dim
         for m in self.mlp:
@@ -48,12 +60,13 @@ class DINOHead(nn.Module):
 
 
 class _Weights(nn.Module):
-    """A module's parameters copied as buffers (``.`` in a name becomes ``__``): the teacher's state."""
+    """A module's parameters and buffers copied as buffers (``.`` in a name becomes ``__``): the teacher's state.
+    The parameters follow the student's (EMA); the buffers (BatchNorm statistics) are the teacher's own."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        for name, p in module.named_parameters():
-            self.register_buffer(name.replace(".", "__"), p.detach().clone())
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            self.register_buffer(name.replace(".", "__"), t.detach().clone())
 
     def by_name(self) -> dict[str, torch.Tensor]:
         return {name.replace("__", "."): t for name, t in self.named_buffers()}

@@ -96,11 +96,13 @@ class TaskConfig:
     sample_tokens: int = 200  # LM: characters generated at the end
     dino_head: tuple[int, int, int] = (512, 64, 256)  # DINO head: MLP width, bottleneck, prototypes K "w,b,K"
     # (upstream 2048,256,65536)
-    dino_local_crops: int = 4  # DINO: local views per image, beside the 2 global ones (upstream 8-10)
+    dino_head_bn: bool = True  # DINO: BatchNorm in the head's MLP (upstream's use_bn_in_head): small images give
+    # near-identical features at init and the head collapses without it; its statistics are each micro batch's
+    dino_local_crops: int = 4  # DINO: local views per image, beside the 2 global ones (upstream 8 to 10)
     dino_global_scale: tuple[float, float] = (0.4, 1.0)  # DINO: area share of a global view "lo,hi"
     dino_local_scale: tuple[float, float] = (0.05, 0.4)  # DINO: area share of a local view "lo,hi"
-    dino_teacher_temp: tuple[float, float] = (0.04, 0.07)  # DINO: teacher softmax temperature, warm-up "from,to"
-    dino_teacher_temp_epochs: int = 10  # DINO: epochs of the teacher temperature's linear warm-up
+    dino_teacher_temp: tuple[float, float] = (0.04, 0.07)  # DINO: teacher softmax temperature, warmup "from,to"
+    dino_teacher_temp_epochs: int = 10  # DINO: epochs of the teacher temperature's linear warmup
     dino_momentum: float = 0.996  # DINO: the teacher's EMA momentum at step 0, then a cosine to 1
     dino_weight_decay_end: float = 0.4  # DINO: weight decay at the last step (a cosine from --optim.weight_decay)
     dino_freeze_last_layer: int = 1  # DINO: epochs during which the head's last layer is not updated

@@ -225,13 +225,16 @@ class DINO(Task):
         return super().data_overrides(train)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        if not hasattr(model, "reset_classifier"):
+        features = None
+        if hasattr(model, "reset_classifier"):
+            model.reset_classifier(0)
+            with torch.no_grad():  # the feature width, whatever the backbone
+                features = model.eval()(torch.zeros(1, *self._image_shape))
+        if not isinstance(features, torch.Tensor) or features.dim() != 2:
             raise ValueError(f"--task dino needs an image classifier as backbone; {type(model).__name__} is not one")
-        model.reset_classifier(0)
-        with torch.no_grad():  # the feature width, whatever the backbone
-            width = model.eval()(torch.zeros(1, *self._image_shape)).shape[-1]
+        width = features.shape[-1]
         hidden, bottleneck, prototypes = self.cfg.task.dino_head
-        head = DINOHead(width, prototypes, hidden, bottleneck)
+        head = DINOHead(width, prototypes, hidden, bottleneck, batch_norm=self.cfg.task.dino_head_bn)
         return SelfDistillation(model.train(), head, GLOBAL_VIEWS)
 
     def _generators(self, batch: Batch) -> list[torch.Generator]:

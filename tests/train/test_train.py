@@ -35,6 +35,13 @@ TINY = {
 }
 
 
+# DINO at test size: a small head, two local views, and the last layer trained from the start; no BatchNorm in the
+# head (its statistics are each micro-batch's: 1 and 2 processes differ with it).
+DINO = {"task.name": "dino", "task.dino_head": "32,16,24", "task.dino_local_crops": 2, "task.dino_freeze_last_layer": 0}
+DINO |= {"task.dino_head_bn": False}
+LFW = {"data.name": "lfw", "data.image_size": 8, "data.val_fraction": 0.8}  # 40 training images, 160 held out
+
+
 def tiny(tmp_path: Path, **values) -> "crate_kernels.train.TrainConfig":
     return from_flat(TINY | {"out": str(tmp_path / "run")} | {k.replace("__", "."): v for k, v in values.items()})
 
@@ -71,21 +78,32 @@ def test_train_classify_outputs(tmp_path, capsys):
         ("mae", {"model__grad_checkpointing": True}),
         ("lm", {"precision": "bf16"}),  # CPU autocast
         ("mlm", {"optim__name": "lion", "optim__lr": 3e-4}),
+        ("dino", {k.replace(".", "__"): v for k, v in (DINO | LFW).items() if k != "task.name"}),
     ],
 )
 def test_train_each_task(tmp_path, task, extra):
-    args = "dim=32,depth=2,heads=2,dim_head=16" + (",block_size=32" if task != "mae" else "")
+    args = "dim=32,depth=2,heads=2,dim_head=16" + (",block_size=32" if task in ("lm", "mlm") else "")
     result = train(tiny(tmp_path, task__name=task, model__args=args, max_steps=2, task__sample_tokens=20, **extra))
     run = tmp_path / "run"
     assert set(losses(run)) == {1, 2} and all(v > 0 for v in losses(run).values())
     assert result["eval_loss"] > 0
-    artefact = {"mae": "reconstruction.png", "lm": "sample.txt", "mlm": "metrics.png"}[task]
+    artefact = {"mae": "reconstruction.png", "lm": "sample.txt", "mlm": "metrics.png", "dino": "metrics.png"}[task]
     assert (run / artefact).stat().st_size > 0
 
 
-def test_train_resume_is_bit_exact(tmp_path):
+# Per task, a run whose every random draw and schedule matters to its losses.
+RESUMED = {
+    "classify": {"data.crop_scale": 0.7, "data.hflip": True, "task.mixup": 0.4},
+    # 40 training images: 2 steps an epoch, so the last layer's freeze ends and the teacher's temperature warms up
+    # within the run; the teacher and its centre move every step.
+    "dino": DINO | LFW | {"task.dino_freeze_last_layer": 1, "task.dino_teacher_temp_epochs": 2},
+}
+
+
+@pytest.mark.parametrize("task", RESUMED)
+def test_train_resume_is_bit_exact(tmp_path, task):
     """Stopped at step 5 with its last checkpoint lost (a kill between checkpoints), resumed to 8: same losses."""
-    noisy = {"data__crop_scale": 0.7, "data__hflip": True, "task__mixup": 0.4, "ckpt_every": 2}
+    noisy = {k.replace(".", "__"): v for k, v in RESUMED[task].items()} | {"ckpt_every": 2}
     noisy["model__args"] = TINY["model.args"] + ",dropout=0.1,emb_dropout=0.1"  # the torch RNG matters
     whole = train(tiny(tmp_path / "a", **noisy))
     train(tiny(tmp_path / "b", max_steps=5, **noisy))
@@ -195,6 +213,7 @@ RUNS = {
     "mae": {"task.name": "mae"},
     "lm": {"task.name": "lm"} | TEXT,
     "mlm": {"task.name": "mlm"} | TEXT,
+    "dino": DINO,
     "classify_folder": {"task.name": "classify"} | FOLDER,
 }
 
@@ -232,7 +251,9 @@ def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
 
     MAE and MLM check that each sample's random mask depends on neither the rank nor the micro-batch it lands in
     (held out: nor on the evaluation batch), MLM that its loss is the mean over the global batch's masked tokens;
-    the image folder (DDP) that every sample's crop, flip and Mixup weight do not depend on them either. The FSDP2
+    DINO that its views do not either, that the centre moves by the mean teacher score of the whole global batch
+    and that the teacher follows the student (gathered from its shards under FSDP2); the image folder (DDP) that every
+    sample's crop, flip and Mixup weight do not depend on them either. The FSDP2
     runs stop at step 2 and resume to 4 from their sharded checkpoints; the image-folder run resumes mid-epoch with
     another DataLoader worker count than the single process.
     """
