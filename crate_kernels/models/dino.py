@@ -12,6 +12,7 @@
 """
 
 import itertools
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -120,3 +121,10 @@ class SelfDistillation(nn.Module):
     def update_center(self, batch_mean: torch.Tensor, momentum: float) -> None:
         """center ← momentum · center + (1 − momentum) · batch_mean, ``batch_mean`` (K,) the teacher's mean score."""
         self.center.mul_(momentum).add_(batch_mean.to(self.center), alpha=1 - momentum)
+
+
+def teacher_backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The teacher's backbone weights out of a ``SelfDistillation`` state dict (e.g. a ``crate-train --task dino``
+    run's ``model.safetensors``), keyed as the backbone's own, for a registry model reset to 0 classes."""
+    prefix = "teacher_backbone."
+    return {k.removeprefix(prefix).replace("__", "."): v for k, v in state.items() if k.startswith(prefix)}

@@ -24,6 +24,7 @@ from torch import nn
 from crate_kernels import files
 from crate_kernels.measure import EPS, attention_maps, layerwise
 from crate_kernels.models import create_model, model_config, parse_model_args
+from crate_kernels.models.dino import teacher_backbone_state
 from crate_kernels.models.pretrained import from_pretrained, load_official
 from crate_kernels.plots import format_table, plot_attention_maps, plot_layerwise
 from crate_kernels.train.config import TASK_DEFAULTS, DataConfig, from_flat, load_file
@@ -103,6 +104,12 @@ def _folder_model(folder: Path) -> Subject:
     if not weights.is_file():
         raise FileNotFoundError(f"--checkpoint: {folder} has no model.safetensors (crate-train writes it at the end)")
     model = create_model(run.model.name, **parse_model_args(run.model.args))
+    if run.task.name == "dino":  # the teacher's backbone: what self-distillation keeps
+        import safetensors.torch
+
+        model.reset_classifier(0)
+        model.load_state_dict(teacher_backbone_state(safetensors.torch.load_file(weights)))
+        return Subject(model, f"from {folder} (crate-train --task dino run: the teacher's backbone)", run.data)
     load_official(model, weights)
     return Subject(model, f"from {folder} (crate-train run)", run.data)
 

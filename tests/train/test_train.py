@@ -89,6 +89,10 @@ def test_train_each_task(tmp_path, task, extra):
     assert result["eval_loss"] > 0
     artefact = {"mae": "reconstruction.png", "lm": "sample.txt", "mlm": "metrics.png", "dino": "metrics.png"}[task]
     assert (run / artefact).stat().st_size > 0
+    if task == "dino":  # crate-measure reads the run's teacher backbone
+        from crate_kernels.train.measure_cli import model_to_measure
+
+        assert "teacher's backbone" in model_to_measure(None, "", str(run)).origin
 
 
 # Per task, a run whose every random draw and schedule matters to its losses.
