@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import crate_kernels
 from crate_kernels.models.dino import DINOHead, SelfDistillation
 from crate_kernels.train import streams
 from crate_kernels.train.config import ConfigError, from_flat
@@ -22,6 +23,7 @@ from crate_kernels.train.tasks import model_for_run
 
 ARGS = "dim=32,depth=1,heads=2,dim_head=16"
 FLAGS = {"task.name": "dino", "model.args": ARGS, "model.backend": "torch", "task.dino_head": "32,16,24"}
+FLAGS |= {"data.name": "lfw", "data.image_size": 8}  # 200 grey images, loaded in a blink
 
 
 def _cfg(**values):
@@ -30,6 +32,7 @@ def _cfg(**values):
 
 def _setup(**values):
     cfg = _cfg(**values)
+    crate_kernels.set_backend("torch")  # as the loop does (the Triton interpreter is far too slow for this)
     task = DINO(cfg)
     train_set, _ = load_dataset(cfg.data, text=False)
     torch.manual_seed(0)
