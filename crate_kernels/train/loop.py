@@ -68,9 +68,10 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(
-    task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Context, autocast, train=None
+    task: Task, model: torch.nn.Module, val, cfg: TrainConfig, ctx: Context, autocast, train
 ) -> dict[str, float]:
-    """Held-out metrics over the whole split (each rank a share, summed across ranks)."""
+    """Held-out metrics over the whole split (each rank a share, summed across ranks); ``train`` is the training split
+    (DINO's k-NN monitor compares with it)."""
     model.eval()
     with autocast():
         task.begin_eval(model, train, ctx)

@@ -29,6 +29,7 @@ from crate_kernels.train import streams
 from crate_kernels.train.augment import mix_pairs
 from crate_kernels.train.config import TrainConfig, did_you_mean
 from crate_kernels.train.data import TEXT_VOCAB, Batch, DataSet, decode_text, encode_text
+from crate_kernels.train.distributed import Context
 
 
 class Task:
@@ -68,7 +69,7 @@ class Task:
     def end_step(self, model: nn.Module, step: int, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """After the optimizer's ``step``-th update (collective: every rank calls it); ``model`` unwrapped."""
 
-    def begin_eval(self, model: nn.Module, train: DataSet, ctx: Any) -> None:
+    def begin_eval(self, model: nn.Module, train: DataSet, ctx: Context) -> None:
         """Before an evaluation's ``eval_sums`` (collective, in eval mode, without gradients)."""
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> torch.Tensor:
