@@ -217,7 +217,7 @@ RUNS = {
     "mae": {"task.name": "mae"},
     "lm": {"task.name": "lm"} | TEXT,
     "mlm": {"task.name": "mlm"} | TEXT,
-    "dino": DINO,
+    "dino": DINO | LFW,  # 2 steps an epoch: the runs cross epochs
     "classify_folder": {"task.name": "classify"} | FOLDER,
 }
 
