@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import crate_kernels
 from crate_kernels.models.dino import DINOHead, SelfDistillation
 from crate_kernels.train import distributed, streams
 from crate_kernels.train.augment import crop_box
@@ -225,11 +226,17 @@ class DINO(Task):
         return super().data_overrides(train)
 
     def prepare_model(self, model: nn.Module) -> nn.Module:
-        features = None
+        features, backend = None, crate_kernels.get_backend()
         if hasattr(model, "reset_classifier"):
             model.reset_classifier(0)
-            with torch.no_grad():  # the feature width, whatever the backbone
-                features = model.eval()(torch.zeros(1, *self._image_shape))
+            # The feature width, whatever the backbone: one image through the PyTorch path (the model is still on the
+            # CPU, where a forced Triton backend refuses to run and the interpreter would crawl).
+            crate_kernels.set_backend("torch")
+            try:
+                with torch.no_grad():
+                    features = model.eval()(torch.zeros(1, *self._image_shape))
+            finally:
+                crate_kernels.set_backend(backend)
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             raise ValueError(f"--task dino needs an image classifier as backbone; {type(model).__name__} is not one")
         width = features.shape[-1]
