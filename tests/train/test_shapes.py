@@ -13,7 +13,7 @@ def test_shapes_are_deterministic_by_seed_and_labelled_by_the_largest_object():
     a, b, c = shapes.generate(40, 32, seed=1), shapes.generate(40, 32, seed=1), shapes.generate(40, 32, seed=2)
     assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("images", "labels", "masks", "classes"))
     assert not torch.equal(a.images, c.images)
-    assert a.images.shape == (40, 3, 32, 32) and 0 <= a.images.min() and a.images.max() <= 1
+    assert a.images.shape == (40, 3, 32, 32) and a.images.min() >= 0 and a.images.max() <= 1
     objects = (a.classes >= 0).sum(1)
     assert objects.min() >= 1 and objects.max() <= shapes.MAX_OBJECTS and a.masks.max() <= objects.max()
     assert not (a.masks > objects[:, None, None]).any()  # no mask pixel of an object the image does not hold
