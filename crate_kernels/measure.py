@@ -108,6 +108,10 @@ def _is_crate_layer(layer: nn.Module) -> bool:
     )
 
 
+def has_crate_layers(model: nn.Module) -> bool:
+    return any(_is_crate_layer(m) for m in model.modules())
+
+
 def crate_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Every ``(PreNorm(MSSA), PreNorm(ISTA))`` layer pair of the model, in module order (= depth order).
 
