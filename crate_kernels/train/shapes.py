@@ -1,11 +1,12 @@
 """``shapes``: a procedurally drawn image set with pixel-exact object masks, for classification and segmentation.
 
 Each image (default 64×64 RGB) holds one to three objects over textured clutter. An object is one of ``CLASSES``
-(ellipse, triangle, square, star, cross) at a random place, size, rotation and aspect, filled with a colour and a
-striped texture. The first object is the main one: larger than the others (radius 0.4-0.65 of the half-side against
-0.16-0.36) and drawn on top of them. The background is smooth colour noise, a faint grating and pixel
-noise. The class label is that of the object with the most visible pixels. Everything is drawn with batched torch
-ops from one generator seeded by ``seed`` (thousands of images per second; no download, no file).
+(ellipse, triangle, square, star, cross) at a random place, size, rotation and aspect, filled with a saturated colour
+from its class's hue band (so that a small model learns the label in minutes; it still has to find the object among
+the clutter's colours) and darker stripes. The first object is the main one: larger than the others (radius 0.4-0.65
+of the half-side against 0.16-0.36) and drawn on top of them. The background is greyish smooth colour noise, a faint
+grating and pixel noise. The class label is that of the object with the most visible pixels. Everything is drawn
+with batched torch ops from one generator seeded by ``seed`` (thousands of images per second; no download, no file).
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ def _inside(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor
     return torch.stack(shapes, 1).gather(1, cls[:, None, None, None].expand(-1, 1, *u.shape[1:])).squeeze(1)
 
 
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Hue, saturation, value (b,) in [0, 1] → RGB (b, 3, 1, 1)."""
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[:, None]) % 6  # (b, 3)
+    rgb = v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+    return rgb[..., None, None]
+
+
 def _draw(b: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``b`` images (b, 3, S, S), instance masks (b, S, S) uint8 and object classes (b, 3), from ``g``."""
     rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
     axis = (torch.arange(size) + 0.5) / size * 2 - 1  # pixel centres in [-1, 1]
     Y, X = torch.meshgrid(axis, axis, indexing="ij")
-    # Clutter: smooth colour noise around a base colour, a faint grating, pixel noise.
-    base = 0.25 + 0.4 * rand(b, 3, 1, 1)
+    # Clutter: smooth colour noise around a greyish base colour, a faint grating, pixel noise.
+    base = 0.3 + 0.3 * rand(b, 1, 1, 1) + 0.1 * rand(b, 3, 1, 1)
     smooth = F.interpolate(torch.randn(b, 3, 5, 5, generator=g), size=(size, size), mode="bicubic", align_corners=False)
     angle, freq = rand(b, 1, 1, 1) * math.pi, 4 + 12 * rand(b, 1, 1, 1)
     grating = torch.sin(freq * (X * torch.cos(angle) + Y * torch.sin(angle)) * math.pi)
@@ -89,7 +97,9 @@ def _draw(b: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Te
         dx, dy = X - centre[:, 0], Y - centre[:, 1]
         u, v = torch.cos(theta) * dx + torch.sin(theta) * dy, -torch.sin(theta) * dx + torch.cos(theta) * dy
         inside = _inside(classes[:, k].clamp_min(0), u, v, r, aspect) & (classes[:, k, None, None] >= 0)
-        colour, second = rand(b, 3, 1, 1), rand(b, 3, 1, 1)
+        hue = (classes[:, k].clamp_min(0) + 0.3 * (rand(b) - 0.5)) / len(CLASSES)  # each class its own hue band
+        colour = _hsv_to_rgb(hue, 0.65 + 0.35 * rand(b), 0.6 + 0.4 * rand(b))
+        second = colour * (0.3 + 0.4 * rand(b, 1, 1, 1))  # the stripes: a darker shade
         stripe_freq, stripe_depth = 20 * rand(b, 1, 1, 1), 0.6 * rand(b, 1, 1, 1)
         stripes = 0.5 + 0.5 * torch.sin(stripe_freq * (u + 0.5 * v)[:, None] * math.pi)
         fill = colour + stripe_depth * stripes * (second - colour)
