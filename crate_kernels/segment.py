@@ -16,6 +16,7 @@ docs/design.md, "Segmentation".
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -122,7 +123,12 @@ def segment(
         patches = torch.stack([ncut_masks(f, grid, tau, num_objects).any(0) for f in features])
     else:
         raise ValueError(f"method must be 'maskcut' or 'attention', got {method!r}")
-    ph, pw = images.shape[-2] // patches.shape[-2], images.shape[-1] // patches.shape[-1]
+    return to_pixels(patches, images.shape[-2:])
+
+
+def to_pixels(patches: torch.Tensor, image_hw: Sequence[int]) -> torch.Tensor:
+    """Masks on the patch grid (..., h, w) → (..., Hi, Wi): each patch's value over its pixels."""
+    ph, pw = image_hw[0] // patches.shape[-2], image_hw[1] // patches.shape[-1]
     return patches.repeat_interleave(ph, -2).repeat_interleave(pw, -1)
 
 

@@ -2,9 +2,10 @@
 
 Runs ``crate_kernels.segment`` (the last layer's [CLS] attention masks and MaskCut) on every held-out image of a set
 with object masks (``shapes``) and writes ``segmentation.json`` (classification accuracy; per method the mean
-foreground IoU and CorLoc) and overlay pictures (image | ground truth | attention | MaskCut) of the first batches.
-The model comes from a crate-train run folder, a ``save_pretrained`` folder or the registry (random weights: the
-untrained baseline); the data from the run folder or ``--data``, normalised as in training.
+foreground IoU and CorLoc; the mIoU of each head's attention mask alone) and overlay pictures (image | ground truth |
+attention | MaskCut) of the first batches. The model comes from a crate-train run folder, a ``save_pretrained``
+folder or the registry (random weights: the untrained baseline); the data from the run folder or ``--data``,
+normalised as in training.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from crate_kernels import files
 from crate_kernels.plots import image_grid, overlay_masks
-from crate_kernels.segment import corloc, mask_iou, segment
+from crate_kernels.segment import attention_masks, corloc, mask_iou, segment, to_pixels
 from crate_kernels.train.data import ImageSet, load_dataset
 from crate_kernels.train.measure_cli import _data_config, model_to_measure
 
@@ -89,7 +90,7 @@ def _segment(args: argparse.Namespace) -> None:
     val, ids = _held_out(args, run_data, model)
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    correct, iou, hits = 0, {m: [] for m in METHODS}, {m: [] for m in METHODS}
+    correct, iou, hits, head_iou = 0, {m: [] for m in METHODS}, {m: [] for m in METHODS}, []
     options = {"tau": args.tau, "num_objects": args.num_objects, "keep": args.keep}
     written = []
     for k, chunk in enumerate(tqdm(ids.split(args.batch_size), desc="segment", disable=not args.progress)):
@@ -101,6 +102,8 @@ def _segment(args: argparse.Namespace) -> None:
         for m in METHODS:
             iou[m].append(mask_iou(predicted[m], truth > 0))
             hits[m].append(corloc(predicted[m], truth))
+        heads = to_pixels(attention_masks(model, batch.inputs, args.keep).heads.cpu(), truth.shape[-2:])
+        head_iou.append(torch.stack([mask_iou(h, truth > 0) for h in heads.unbind(1)], 1))  # (b, H)
         if k < args.overlays:
             images = val.images[chunk[:SHOWN]]
             rows = [images, overlay_masks(images, truth[:SHOWN])]
@@ -110,11 +113,12 @@ def _segment(args: argparse.Namespace) -> None:
     scores = {m: {"miou": float(torch.cat(iou[m]).mean()), "corloc": float(torch.cat(hits[m]).float().mean())}
               for m in METHODS}  # fmt: skip
     report = {"model": model.config["name"], "origin": origin, "images": len(ids), "accuracy": correct / len(ids)}
-    report |= {"options": options, **scores}
+    report |= {"options": options, **scores, "attention_miou_per_head": torch.cat(head_iou).mean(0).tolist()}
     written.insert(0, files.write_text(out / "segmentation.json", json.dumps(report, indent=2) + "\n"))
     print(f"{origin}\n{len(ids)} held-out images, accuracy {report['accuracy']:.2%}")
     for m in METHODS:
         print(f"{m:>10}: mIoU {scores[m]['miou']:.3f}  CorLoc {scores[m]['corloc']:.3f}")
+    print("attention mIoU per head: " + " ".join(f"{v:.3f}" for v in report["attention_miou_per_head"]))
     print("wrote " + ", ".join(map(str, written)))
 
 

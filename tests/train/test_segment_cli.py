@@ -43,7 +43,7 @@ def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model):
     for method in ("attention", "maskcut"):
         assert 0 <= report[method]["miou"] <= 1 and 0 <= report[method]["corloc"] <= 1
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["batch_000.png", "batch_001.png"]
-    assert "mIoU" in capsys.readouterr().out
+    assert len(report["attention_miou_per_head"]) == 4 and "mIoU" in capsys.readouterr().out
 
 
 def test_segment_cli_reports_bad_input_in_one_line(tmp_path, capsys):
