@@ -40,7 +40,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="segment", help="folder for segmentation.json and overlays/")
     p.add_argument("--batch-size", type=int, default=64, help="held-out images per forward")
     p.add_argument("--max-images", type=int, default=0, help="score only the first N held-out images (0 = all)")
-    p.add_argument("--overlays", type=int, default=2, help="batches drawn as overlay PNGs (first 8 images each)")
+    p.add_argument("--overlays", type=int, default=1, help="batches drawn as overlay PNGs (first 8 images each)")
     p.add_argument("--tau", type=float, default=0.15, help="MaskCut's affinity threshold on cosine similarity")
     p.add_argument("--num-objects", type=int, default=1, help="MaskCut objects per image (their union is scored)")
     p.add_argument("--keep", type=float, default=0.6, help="share of each head's [CLS] attention mass kept")

@@ -37,7 +37,10 @@ def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model):
         )
     )
     out = tmp_path / "seg"
-    assert main(["--checkpoint", str(run), "--out", str(out), "--batch-size", "4", "--progress", "0"]) == 0
+    assert (
+        main(["--checkpoint", str(run), "--out", str(out), "--batch-size", "4", "--overlays", "2", "--progress", "0"])
+        == 0
+    )
     report = json.loads((out / "segmentation.json").read_text())
     assert report["model"] == model and report["images"] == 8 and 0 <= report["accuracy"] <= 1
     for method in ("attention", "maskcut"):
