@@ -17,7 +17,7 @@ def _small_shapes(monkeypatch):
     monkeypatch.setattr(shapes, "COUNT", 40)
 
 
-@pytest.mark.parametrize("model", ["crate_demo", pytest.param("vit_demo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["crate_demo", "vit_demo"])
 def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model):
     run = tmp_path / "run"
     flags = f"--model {model} --model-args depth=1,patch_size=4 --model.backend torch --data shapes --steps 2"
