@@ -1,4 +1,4 @@
-"""Every table and figure of the package: the per-layer report, training curves, attention maps, image grids.
+"""Every table and figure of the package: the per-layer report, training curves, attention maps, image grids, masks.
 
 ``crate-measure`` and the training report draw the rows of ``crate_kernels.measure.layerwise`` with the same code, so
 both say the same thing the same way: layers are numbered ℓ = 1..L as in the paper; the compression term R^c is
@@ -154,3 +154,23 @@ def image_grid(rows: Sequence[torch.Tensor], titles: Sequence[str], path: str | 
             axes[r][c].axis("off")
         axes[r][0].set_title(title, fontsize=8, loc="left")
     return _save(fig, path, dpi=100)
+
+
+MASK_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.3, 0.5, 1.0]])  # id 0 = none
+
+
+def overlay_masks(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
+    """images (b, C, H, W) in [0, 1] with masks (b, H, W) (bool, or object ids 0..3) painted over them in colour.
+
+    Returns (b, 3, H, W) in [0, 1]: id k's pixels blended with ``MASK_COLOURS[k]`` (bool: colour 1); id 0 kept.
+    """
+    check_ndim("masks", masks, 3, "(b, H, W) masks")
+    ids = masks.long().clamp(0, len(MASK_COLOURS) - 1)
+    colour = MASK_COLOURS[ids].permute(0, 3, 1, 2)  # (b, 3, H, W)
+    rgb = images.expand(-1, 3, -1, -1).float().cpu()
+    return torch.where(ids[:, None] > 0, (1 - alpha) * rgb + alpha * colour, rgb).clamp(0, 1)
+
+
+def plot_shapes_samples(images: torch.Tensor, masks: torch.Tensor, path: str | Path) -> Path:
+    """Drawn images (b, 3, H, W) in [0, 1] above their object masks (b, H, W), one colour per object; a PNG."""
+    return image_grid([images, overlay_masks(images, masks)], ["shapes", "object masks"], path)

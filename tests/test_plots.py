@@ -59,3 +59,15 @@ def test_table_numbers_layers_from_one_and_says_which_way_is_better(rows):
     assert [int(cells[0]) for cells in body] == [1, 2, 3]
     assert [float(cells[3]) for cells in body] == pytest.approx([r["sparsity"] for r in rows], abs=1e-4)
     assert "lower = more compressed" in lines[-2] and "higher = sparser" in lines[-1]
+
+
+def test_shapes_samples_and_mask_overlays(tmp_path):
+    images = torch.rand(3, 3, 8, 8)
+    masks = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    masks[:, 2:5, 2:5] = 2
+    painted = plots.overlay_masks(images, masks)
+    assert painted.shape == (3, 3, 8, 8)
+    assert torch.equal(painted[:, :, 0, 0], images[:, :, 0, 0])  # background untouched
+    assert not torch.equal(painted[:, :, 3, 3], images[:, :, 3, 3])
+    path = plots.plot_shapes_samples(images, masks, tmp_path / "shapes.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -59,7 +59,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = ""  # digits | lfw | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
+    name: str = ""  # digits | lfw | shapes | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
     val_fraction: float = 0.2  # held-out share for sets without an official split
     image_size: int = 0  # resize images to this side; 0 = the data's own size (224 for an image folder)
     crop_scale: float = 0.85  # random resized crop: smallest area share (1.0 = no crop)

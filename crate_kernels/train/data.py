@@ -1,7 +1,8 @@
 """Training and held-out sets: small ones in memory, image folders read per sample; every set yields ``Batch``es.
 
 Embedded sets (no download): ``digits`` (scikit-learn, 1,797 8×8 grey digits, 10 classes), ``lfw`` (scikit-image
-``lfw_subset``: 200 25×25 grey images, face / non-face), ``pydoc`` (Python's documentation text, ~465k characters,
+``lfw_subset``: 200 25×25 grey images, face / non-face), ``shapes`` (``shapes.py``: 4,000 drawn 64×64 RGB images
+of 1-3 objects, 5 classes, with object masks), ``pydoc`` (Python's documentation text, ~465k characters,
 for character-level LM/MLM). Local paths: an image folder tree (``root/<class>/*``, or ``root/train/<class>`` and
 ``root/val/<class>``), read per sample (``ImageFolder``), a CIFAR-10/100 python-batches directory, a text file.
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crate_kernels.train import folder, streams
+from crate_kernels.train import folder, shapes, streams
 from crate_kernels.train.augment import Augment, crop_and_flip, eval_transform, rand_augment, resize, train_transform
 from crate_kernels.train.config import DataConfig
 
@@ -73,13 +74,15 @@ class Batch:
 
 @dataclass
 class ImageSet:
-    """``images`` (N, C, H, W) float32 in [0, 1]; ``labels`` (N,) int64; ``mean``/``std`` (C,) of the train split."""
+    """``images`` (N, C, H, W) float32 in [0, 1]; ``labels`` (N,) int64; ``mean``/``std`` (C,) of the train split;
+    ``masks`` (N, H, W) uint8 object ids (0 = background) where the set has them (``shapes``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
     mean: torch.Tensor
     std: torch.Tensor
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -298,7 +301,7 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
     """
     name = cfg.name
     path = Path(name)
-    embedded_text, embedded_images = {"pydoc"}, {"digits", "lfw"}
+    embedded_text, embedded_images = {"pydoc"}, {"digits", "lfw", "shapes"}
     if name not in embedded_text | embedded_images and not path.exists():
         raise ValueError(
             f"--data: {name!r} is neither an embedded set ({', '.join(sorted(embedded_images | embedded_text))}) "
@@ -328,11 +331,18 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
         images = torch.tensor(lfw_subset(), dtype=torch.float32)[:, None]
         labels = (torch.arange(len(images)) < 100).long()  # the first 100 are faces
         return _image_sets(*_split_arrays(images, labels, cfg), cfg)
+    if name == "shapes":
+        drawn = shapes.generate(shapes.COUNT, cfg.image_size or 64)
+        index = _split(len(drawn.labels), cfg.val_fraction)
+        sets = _image_sets(*((drawn.images[i], drawn.labels[i]) for i in index), cfg)
+        for split, i in zip(sets, index, strict=True):
+            split.masks = drawn.masks[i]
+        return sets
     if path.is_dir() and is_cifar(path):
         return _image_sets(*_load_cifar(path), cfg)
     if path.is_dir():
         return _folder_sets(path, cfg)
-    raise ValueError(f"--data: an image task needs digits, lfw, an image folder or CIFAR batches, got {name!r}")
+    raise ValueError(f"--data: an image task needs digits, lfw, shapes, an image folder or CIFAR batches, got {name!r}")
 
 
 def photograph(name: str = "astronaut", size: int = 224, channels: int = 3) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 import crate_kernels
 from crate_kernels import files
-from crate_kernels.measure import layerwise
+from crate_kernels.measure import has_crate_layers, layerwise
 from crate_kernels.plots import format_table, plot_run
 from crate_kernels.train import checkpoint, distributed, run_folder, streams
 from crate_kernels.train.config import ConfigError, TrainConfig
@@ -252,9 +252,11 @@ def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) ->
     with autocast():
         lines += task.finish(model, val_set, run_dir, ctx.is_main)
         x = val_set.batch(torch.arange(min(256, len(val_set)))).inputs
-        with streams.fork("report", device=ctx.device):  # the MAE's random masks
-            rows = layerwise(model, x.to(ctx.device))
-        lines.append(format_table(rows))
+        rows = []  # none for a model without CRATE layers (the ViT baseline)
+        if has_crate_layers(model):
+            with streams.fork("report", device=ctx.device):  # the MAE's random masks
+                rows = layerwise(model, x.to(ctx.device))
+            lines.append(format_table(rows))
     if ctx.is_main:
         plot_run(
             metrics.records(), rows, run_dir / "metrics.png", label=getattr(model, "config", {}).get("name", "final")
