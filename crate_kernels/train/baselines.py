@@ -1,0 +1,61 @@
+"""Classical classifiers on a run's own split, to read a trained model's held-out accuracy against.
+
+Each baseline fits the flattened training images (pixels in [0, 1], as the model reads them before normalisation)
+and is scored on the same held-out images the run evaluates. ``BASELINES`` is the table: one more row is one more
+entry (a name and a function that returns an unfitted scikit-learn estimator). The report prints the rows beside the
+trained model's and writes them to ``baselines.json`` in the run folder (docs/design.md, "Training").
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from crate_kernels import files
+from crate_kernels.train.data import ImageSet
+
+
+def _logistic() -> Any:
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(max_iter=2000)
+
+
+def _svm() -> Any:
+    from sklearn.svm import SVC
+
+    return SVC(kernel="rbf")  # C = 1, gamma = "scale": scikit-learn's defaults
+
+
+def _knn() -> Any:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    return KNeighborsClassifier(n_neighbors=3)
+
+
+BASELINES: dict[str, Callable[[], Any]] = {
+    "logistic regression": _logistic,
+    "RBF SVM": _svm,
+    "3-nearest neighbours": _knn,
+}
+
+
+def score_baselines(train: ImageSet, val: ImageSet) -> list[dict[str, Any]]:
+    """Each baseline fitted on ``train`` and scored on ``val``: rows ``{"model", "accuracy", "fit_s"}``."""
+    x_train, x_val = train.images.flatten(1).numpy(), val.images.flatten(1).numpy()
+    y_train, y_val = train.labels.numpy(), val.labels.numpy()
+    rows = []
+    for name, make in BASELINES.items():
+        estimator = make()
+        start = time.perf_counter()
+        estimator.fit(x_train, y_train)
+        fit_s = time.perf_counter() - start
+        rows.append({"model": name, "accuracy": float((estimator.predict(x_val) == y_val).mean()), "fit_s": fit_s})
+    return rows
+
+
+def write_scores(rows: list[dict[str, Any]], run_dir: Path) -> Path:
+    return files.write_text(run_dir / "baselines.json", json.dumps(rows, indent=2) + "\n")
