@@ -102,7 +102,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
     parallel: str = "none"  # one process, or under torchrun: DDP (replicas) or FSDP2 (sharded, ZeRO-3)
     device: str = "auto"  # auto = cuda when present
-    cpu_threads: int = 0  # torch threads when training on CPU; 0 = torch's default (one per core)
+    cpu_threads: int = 0  # torch threads on CPU; 0 = one per core (on a busy machine 1 is faster: README)
     precision: str = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     seed: int = 0  # initial weights, data order, augmentations, dropout
     log_every: int = 10  # steps between metrics records

@@ -281,11 +281,13 @@ def test_train_default_run_reaches_97_5_percent(tmp_path, capsys):
     seeds), with the classical baselines and the per-layer reading beside it; ~25 s on 2 idle CPU cores.
 
     The backend is forced to "torch", which is what the default "auto" picks for CPU tensors outside the Triton
-    interpreter (under TRITON_INTERPRET=1, as in CI, "auto" would interpret the kernels: far too slow to train).
+    interpreter (under TRITON_INTERPRET=1, as in CI, "auto" would interpret the kernels: far too slow to train). One
+    thread: `make test` runs two workers on two cores, and two threads each would wait on each other's core.
     """
     from crate_kernels.train.config import parse_args
 
-    result = train(parse_args(["--out", str(tmp_path), "--progress", "false", "--model.backend", "torch"]))
+    flags = ["--out", str(tmp_path), "--progress", "false", "--model.backend", "torch", "--cpu-threads", "1"]
+    result = train(parse_args(flags))
     assert result["eval_accuracy"] >= 0.975
     out = capsys.readouterr().out
     assert "RBF SVM" in out and "at initialisation it" in out and (tmp_path / "baselines.json").is_file()
