@@ -53,7 +53,12 @@ def test_train_classify_outputs(tmp_path, capsys):
     assert {"lr", "samples_per_s", "peak_mem_mb"} <= set(records[0])
     saved = json.loads((run / "config.json").read_text())["model"]
     assert saved["name"] == "crate_demo"  # with every argument, data-derived ones included:
-    assert parse_model_args(saved["args"]) == TINY_ARGS | {"image_size": 8, "channels": 1, "num_classes": 10}
+    assert parse_model_args(saved["args"]) == TINY_ARGS | {
+        "patch_size": 4,
+        "image_size": 8,
+        "channels": 1,
+        "num_classes": 10,
+    }
     assert (run / "metrics.png").stat().st_size > 0
     assert [p.name for p in checkpoint.checkpoints(run)] == ["step_0000004"]
     from safetensors.torch import load_file
