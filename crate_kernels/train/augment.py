@@ -1,7 +1,7 @@
 """Image transforms written on tensors (torchvision does not load beside the CPU torch here).
 
-Every random transform draws from the sample's own stream (``streams``: ``augment`` for crop, flip and RandAugment,
-``mix`` for Mixup / CutMix), so a sample's augmentation is a function of (seed, epoch, sample id) alone.
+Every random transform draws from the sample's own stream (``streams``: ``augment`` for crop, flip, shift and
+RandAugment, ``mix`` for Mixup / CutMix), so a sample's augmentation is a function of (seed, epoch, sample id) alone.
 
 - :func:`crop_box`: a RandomResizedCrop box (area share in [scale, 1], aspect ratio in [3/4, 4/3], clipped).
 - :func:`draw_shift`: a random translation of up to a share of each side (RandomAffine's ``translate``).
