@@ -273,7 +273,7 @@ def _report(task, model, sets, evaluated, trained, where, init_rows) -> None:
     if not ctx.is_main:
         return
     name = getattr(model, "config", {}).get("name", "final")
-    plot_run(metrics.records(), rows, run_dir / "metrics.png", label=name, init_rows=init_rows)
+    plot_run(metrics.records(), rows, run_dir / "metrics.png", label=f"{name}, trained", init_rows=init_rows)
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
     if "eval_accuracy" in evaluated and isinstance(train_set, ImageSet):
         scores = [{"model": f"{name} (this run)", "accuracy": evaluated["eval_accuracy"], "fit_s": trained["seconds"]}]
