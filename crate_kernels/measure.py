@@ -254,6 +254,22 @@ def queries_keys(model: nn.Module, images: torch.Tensor, layer: int = -1) -> tup
     return q.to(wide), k.to(wide), attn.scale
 
 
+def depth_slopes(rows: Sequence[dict[str, float]]) -> tuple[float, float]:
+    """Least-squares slopes of ``compression`` and ``sparsity`` against ℓ over ``layerwise`` rows (0 for one layer).
+
+    The paper's trend is a negative first (compression grows with depth) and a positive second (sparser with depth).
+    """
+    layer = torch.tensor([float(r["layer"]) for r in rows], dtype=torch.float64)
+    centred = layer - layer.mean()
+    spread = float((centred**2).sum())
+
+    def slope(key: str) -> float:
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        return float((centred * values).sum()) / spread if spread else 0.0
+
+    return slope("compression"), slope("sparsity")
+
+
 def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """Per-head attention of the [CLS] token over the patches at one layer, on the patch grid.
 
