@@ -5,6 +5,10 @@ PyTorch path, crate_kernels' Triton kernels, and those under ``torch.compile``. 
 upstream model (reference/) of a registered preset; ours swap in crate_kernels' modules with
 ``crate_kernels.apply_crate_kernels`` (the same parameter tensors). Models run in the bench dtype (bf16 on
 GPU) with AdamW on those parameters, the same for every provider.
+
+The black-box baseline runs beside them: the ViT of each preset's width, depth and patch (``vit_*``, the name with
+``crate_`` swapped; none for CRATE-α and the LM), eager and compiled, in rows of its own op (``vit_layer``,
+``vit_train_step``) so that CRATE's speed-ups stay measured against CRATE's upstream.
 """
 
 import pytest
@@ -40,6 +44,15 @@ from reference import crate_lm as reference_crate_lm
 
 # max-autotune last: under a time budget (gpu_check.sh) its minutes of autotuning must not crowd out the other rows.
 ALL_PROVIDERS = providers(UPSTREAM_EAGER, UPSTREAM_COMPILE, TORCH_PATH, TRITON, TRITON_COMPILE, UPSTREAM_COMPILE_MAX)
+VIT_EAGER = Provider("vit_eager", ours=False)
+VIT_COMPILE = Provider("vit_compile", ours=False, gpu_only=True, compile_mode="default")
+VIT_PROVIDERS = (VIT_EAGER, VIT_COMPILE)
+WITH_VIT = ALL_PROVIDERS + providers(*VIT_PROVIDERS)
+
+
+def _op(provider: Provider, op: str) -> str:
+    """The op a row reports: ``op``, or for the ViT baseline its own (``crate_layer`` -> ``vit_layer``)."""
+    return "vit_" + op.removeprefix("crate_") if provider in VIT_PROVIDERS else op
 
 
 def _model_for(provider: Provider, shape: BenchShape, device: torch.device, dtype: torch.dtype, **overrides):
@@ -48,6 +61,12 @@ def _model_for(provider: Provider, shape: BenchShape, device: torch.device, dtyp
     the language model (whose upstream classes that function does not patch), crate_kernels' CRATELM holding upstream's
     weights. Compiled when the provider asks. ``overrides`` go to the preset (``depth=1`` for one layer)."""
     torch.manual_seed(0)
+    if provider in VIT_PROVIDERS:
+        twin = shape.model.name.replace("crate_", "vit_", 1)
+        if twin not in crate_kernels.list_models():
+            pytest.skip(f"no ViT baseline of {shape.model.name}'s family")
+        with torch.device(device):
+            return crate_kernels.create_model(twin, **overrides).to(dtype)
     upstream = build_upstream(shape.model.name, device, **overrides)
     if not provider.ours:
         model = upstream
@@ -74,7 +93,7 @@ def _loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torc
     return F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
 
 
-@pytest.mark.parametrize("provider", ALL_PROVIDERS)
+@pytest.mark.parametrize("provider", WITH_VIT)
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", op_shapes(), ids=str)
 @pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
@@ -95,7 +114,7 @@ def bench_layer(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provide
         make_inputs,
         mode=mode,
         provider=provider,
-        op="crate_layer",
+        op=_op(provider, "crate_layer"),
         shape=shape,
         dtype=dtype,
         flops=layer_flops(shape, mode),
@@ -103,7 +122,7 @@ def bench_layer(bench, mode: str, shape: BenchShape, dtype: torch.dtype, provide
     )
 
 
-@pytest.mark.parametrize("provider", ALL_PROVIDERS)
+@pytest.mark.parametrize("provider", WITH_VIT)
 @pytest.mark.parametrize("dtype", bench_dtypes(), ids=dtype_name)
 @pytest.mark.parametrize("shape", model_shapes(), ids=str)
 def bench_train_step(bench, shape: BenchShape, dtype: torch.dtype, provider: Provider) -> None:
@@ -126,7 +145,7 @@ def bench_train_step(bench, shape: BenchShape, dtype: torch.dtype, provider: Pro
         make_inputs,
         mode="train_step",
         provider=provider,
-        op="train_step",
+        op=_op(provider, "train_step"),
         shape=shape,
         dtype=dtype,
         flops=train_step_flops(shape),

@@ -2,7 +2,7 @@
 
 from crate_kernels import measure
 from crate_kernels.backend import get_backend, not_supported_reasons, set_backend
-from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, create_model, list_models
+from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, ViT, create_model, list_models
 from crate_kernels.models.pretrained import from_pretrained, load_official, save_pretrained
 from crate_kernels.modules import ISTA, MSSA, OvercompleteISTA
 from crate_kernels.ops.ista import ista
@@ -19,6 +19,7 @@ __all__ = [
     "MSSA",
     "CRATEAlpha",
     "OvercompleteISTA",
+    "ViT",
     "apply_crate_kernels",
     "create_model",
     "from_pretrained",

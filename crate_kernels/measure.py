@@ -108,6 +108,10 @@ def _is_crate_layer(layer: nn.Module) -> bool:
     )
 
 
+def has_crate_layers(model: nn.Module) -> bool:
+    return any(_is_crate_layer(m) for m in model.modules())
+
+
 def crate_layers(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Every ``(PreNorm(MSSA), PreNorm(ISTA))`` layer pair of the model, in module order (= depth order).
 
@@ -216,36 +220,77 @@ def layerwise(model: nn.Module, inputs: Any, *, eps: float = EPS) -> list[dict[s
     return rows
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every layer in depth order: the ViT baseline's (they answer ``queries_keys``),
+    else CRATE's MSSA of each ``crate_layers`` pair."""
+    found = [m for m in model.modules() if hasattr(m, "queries_keys")]
+    return found or [attn.fn for attn, _ in crate_layers(model)]
+
+
+def queries_keys(model: nn.Module, images: torch.Tensor, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Queries and keys of one layer's attention on ``images``, and its score scale, from one eval-mode forward.
+
+    MSSA's queries and keys are both ``w = qkv(LN(z))`` (the CRATE paper's segmentation features); the ViT's are
+    ``q(LN(z))`` and ``k(LN(z))``. The hook reads the attention module's input, so the model is not edited.
+
+    Args:
+        model: a CRATE-family classifier or the ViT baseline. images: (B, C, Hi, Wi).
+        layer: Python index into the layer stack (0 = layer ℓ = 1; negative counts from the end).
+
+    Returns:
+        q, k: (B, H, N, P), fp32 or wider; the scale of ``q kᵀ`` in the softmax.
+    """
+    check_ndim("images", images, 4, "(B, C, H, W) images")
+    modules = attention_modules(model)
+    if not -len(modules) <= layer < len(modules):
+        raise ValueError(f"layer must be in [-{len(modules)}, {len(modules)}) for this {len(modules)}-layer model")
+    attn = modules[layer]
+    captured: dict[str, torch.Tensor] = {}
+    _run_with_hooks(model, images, [(attn, "pre", lambda _m, args: captured.__setitem__("y", args[0]))])
+    with torch.no_grad():
+        y = captured["y"]
+        q, k = attn.queries_keys(y) if hasattr(attn, "queries_keys") else (_projections(attn, y),) * 2
+    wide = torch.promote_types(q.dtype, torch.float32)  # softmax of bf16 / fp16 scores in fp32
+    return q.to(wide), k.to(wide), attn.scale
+
+
+def depth_slopes(rows: Sequence[dict[str, float]]) -> tuple[float, float]:
+    """Least-squares slopes of ``compression`` and ``sparsity`` against ℓ over ``layerwise`` rows (0 for one layer).
+
+    The paper's trend is a negative first (compression grows with depth) and a positive second (sparser with depth).
+    """
+    layer = torch.tensor([float(r["layer"]) for r in rows], dtype=torch.float64)
+    centred = layer - layer.mean()
+    spread = float((centred**2).sum())
+
+    def slope(key: str) -> float:
+        values = torch.tensor([r[key] for r in rows], dtype=torch.float64)
+        return float((centred * values).sum()) / spread if spread else 0.0
+
+    return slope("compression"), slope("sparsity")
+
+
 def attention_maps(model: nn.Module, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """Per-head attention of the [CLS] token over the patches at one layer, on the patch grid.
 
-    The MSSA scores of the class-token row, ``softmax(scale · w₀ wᵀ)`` with ``w = qkv(LN(z))``, keep the patch
+    The scores of the class-token row, ``softmax(scale · q₀ kᵀ)`` (for MSSA ``q = k = qkv(LN(z))``), keep the patch
     columns and are reshaped to the grid. The grid follows from the image size and the token count.
 
     Args:
-        model: a CRATE-family classifier with a class token at position 0.
+        model: a CRATE-family classifier or the ViT baseline, with a class token at position 0.
         images: (B, C, Hi, Wi).
         layer: Python index into the layer stack (0 = layer ℓ = 1; negative counts from the end).
 
     Returns:
         (B, H, Hi/p, Wi/p), fp32 or wider; each (b, h) map sums to 1 − (the class token's attention to itself).
     """
-    check_ndim("images", images, 4, "(B, C, H, W) images")
-    layers = crate_layers(model)
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer must be in [-{len(layers)}, {len(layers)}) for this {len(layers)}-layer model")
-    mssa = layers[layer][0].fn
-    captured: dict[str, torch.Tensor] = {}
-    _run_with_hooks(model, images, [(mssa, "pre", lambda _m, args: captured.__setitem__("y", args[0]))])
-    with torch.no_grad():
-        w = _projections(mssa, captured["y"])  # (B, H, N, P)
-        w = w.to(torch.promote_types(w.dtype, torch.float32))  # softmax of bf16 / fp16 scores in fp32
-        cls_row = torch.softmax((w[:, :, :1] @ w.mT).squeeze(2) * mssa.scale, dim=-1)  # (B, H, N)
-    gh, gw = _patch_grid(images.shape[-2:], cls_row.shape[-1] - 1)
+    q, k, scale = queries_keys(model, images, layer)
+    cls_row = torch.softmax((q[:, :, :1] @ k.mT).squeeze(2) * scale, dim=-1)  # (B, H, N)
+    gh, gw = patch_grid(images.shape[-2:], cls_row.shape[-1] - 1)
     return cls_row[..., 1:].reshape(*cls_row.shape[:2], gh, gw)
 
 
-def _patch_grid(image_hw: Sequence[int], num_patches: int) -> tuple[int, int]:
+def patch_grid(image_hw: Sequence[int], num_patches: int) -> tuple[int, int]:
     Hi, Wi = image_hw
     p = math.isqrt(Hi * Wi // max(num_patches, 1))
     if p == 0 or p * p * num_patches != Hi * Wi or Hi % p or Wi % p:

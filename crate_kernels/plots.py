@@ -1,4 +1,4 @@
-"""Every table and figure of the package: the per-layer report, training curves, attention maps, image grids.
+"""Every table and figure of the package: the per-layer report, training curves, attention maps, image grids, masks.
 
 ``crate-measure`` and the training report draw the rows of ``crate_kernels.measure.layerwise`` with the same code, so
 both say the same thing the same way: layers are numbered ℓ = 1..L as in the paper; the compression term R^c is
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from crate_kernels import files
 from crate_kernels._checks import check_ndim
+from crate_kernels.measure import depth_slopes
 
 COMPRESSION_LABEL = "compression $R^c$ (lower = more compressed)"
 SPARSITY_LABEL = "sparsity: fraction of zeros (higher = sparser)"
@@ -34,6 +35,38 @@ def format_table(rows: Sequence[dict[str, float]]) -> str:
     ]
     lines.append("R^c: compression term, lower = more compressed; R(Z): coding rate of the layer input;")
     lines.append("sparsity: fraction of exact zeros in the ISTA output, higher = sparser")
+    return "\n".join(lines)
+
+
+def _direction(rows: Sequence[dict[str, float]], key: str, slope: float) -> str:
+    """ "falls", "rises" or "is flat": the fitted change from layer 1 to L against 1 % of the term's mean."""
+    change, mean = slope * (len(rows) - 1), sum(abs(r[key]) for r in rows) / len(rows)
+    return "is flat" if abs(change) <= 0.01 * mean else ("falls" if change < 0 else "rises")
+
+
+def _reading(rows: Sequence[dict[str, float]]) -> str:
+    """How the rows read against the paper's trend, and the slopes it rests on."""
+    compression, sparsity = depth_slopes(rows)
+    c_way, s_way = _direction(rows, "compression", compression), _direction(rows, "sparsity", sparsity)
+    verdict = ("does not show it", "shows half of it", "shows it")[(c_way == "falls") + (s_way == "rises")]
+    return f"{verdict} (R^c {c_way}, {compression:+.2f} per layer; sparsity {s_way}, {sparsity:+.4f} per layer)"
+
+
+def format_trend(init_rows: Sequence[dict[str, float]], rows: Sequence[dict[str, float]]) -> str:
+    """One sentence: whether the trained model's rows show the paper's trend (R^c falling, sparsity rising through
+    layers 1..L), beside the same model's at initialisation. Each term's least-squares slope against ℓ decides; a
+    fitted change from layer 1 to L within 1 % of the term's mean is flat."""
+    return (
+        f"The paper's trend (R^c falling and sparsity rising through layers 1..{len(rows)}): the trained model "
+        f"{_reading(rows)}; at initialisation it {_reading(init_rows)}."
+    )
+
+
+def format_scores(rows: Sequence[dict[str, Any]]) -> str:
+    """Rows ``{"model", "accuracy", "fit_s"}`` (a trained model's, then baselines') as a fixed-width table."""
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    lines = [f"{'model':<{width}}  {'held-out accuracy':>17}  {'fit seconds':>11}"]
+    lines += [f"{r['model']:<{width}}  {100 * r['accuracy']:>16.2f}%  {r['fit_s']:>11.2f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -88,10 +121,15 @@ def plot_layerwise(runs: dict[str, Sequence[dict[str, float]]], path: str | Path
 
 
 def plot_run(
-    records: Sequence[dict[str, Any]], rows: Sequence[dict[str, float]], path: str | Path, label: str = "final"
+    records: Sequence[dict[str, Any]],
+    rows: Sequence[dict[str, float]],
+    path: str | Path,
+    label: str = "final",
+    init_rows: Sequence[dict[str, float]] = (),
 ) -> Path:
     """Training curves (train loss, held-out metrics) and, when ``rows`` are given, the per-layer compression and
-    sparsity of the finished model (``label`` in the legend). Writes a PNG; returns its path."""
+    sparsity of the finished model (``label`` in the legend) and, when ``init_rows`` are, of the same model at
+    initialisation. Writes a PNG; returns its path."""
     fig, axes = _pyplot().subplots(1, 4 if rows else 2, figsize=(18 if rows else 9, 3.8))
     train = [r for r in records if "train_loss" in r]
     evals = [r for r in records if "eval_loss" in r]
@@ -109,7 +147,7 @@ def plot_run(
         axes[1].set(ylabel="learning rate", title="schedule")
     axes[1].set(xlabel="step")
     if rows:
-        _draw_layerwise(axes[2], axes[3], {label: rows})
+        _draw_layerwise(axes[2], axes[3], ({"initialisation": init_rows} if init_rows else {}) | {label: rows})
     return _save(fig, path, dpi=100)
 
 
@@ -154,3 +192,23 @@ def image_grid(rows: Sequence[torch.Tensor], titles: Sequence[str], path: str | 
             axes[r][c].axis("off")
         axes[r][0].set_title(title, fontsize=8, loc="left")
     return _save(fig, path, dpi=100)
+
+
+MASK_COLOURS = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.2, 0.2], [0.2, 1.0, 0.2], [0.3, 0.5, 1.0]])  # id 0 = none
+
+
+def overlay_masks(images: torch.Tensor, masks: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
+    """images (b, C, H, W) in [0, 1] with masks (b, H, W) (bool, or object ids 0..3) painted over them in colour.
+
+    Returns (b, 3, H, W) in [0, 1]: id k's pixels blended with ``MASK_COLOURS[k]`` (bool: colour 1); id 0 kept.
+    """
+    check_ndim("masks", masks, 3, "(b, H, W) masks")
+    ids = masks.long().clamp(0, len(MASK_COLOURS) - 1)
+    colour = MASK_COLOURS[ids].permute(0, 3, 1, 2)  # (b, 3, H, W)
+    rgb = images.expand(-1, 3, -1, -1).float().cpu()
+    return torch.where(ids[:, None] > 0, (1 - alpha) * rgb + alpha * colour, rgb).clamp(0, 1)
+
+
+def plot_shapes_samples(images: torch.Tensor, masks: torch.Tensor, path: str | Path) -> Path:
+    """Drawn images (b, 3, H, W) in [0, 1] above their object masks (b, H, W), one colour per object; a PNG."""
+    return image_grid([images, overlay_masks(images, masks)], ["shapes", "object masks"], path)

@@ -144,3 +144,19 @@ def test_attention_maps_are_the_cls_row_on_the_patch_grid():
 def test_layerwise_rejects_a_model_without_crate_layers():
     with pytest.raises(ValueError, match="no CRATE layer"):
         measure.layerwise(torch.nn.Linear(3, 3), torch.zeros(1, 3))
+
+
+def test_attention_maps_of_the_vit_are_its_last_layers_cls_row():
+    model = crate_kernels.create_model("vit_demo", depth=2).double().eval()
+    images = torch.rand(2, 1, 8, 8, generator=seeded(5), dtype=torch.float64)
+    attn = model.transformer.layers[-1][0]
+    with torch.no_grad():
+        tokens = model.dropout(
+            torch.cat((model.cls_token.expand(2, -1, -1), model.embed_patches(images)), 1) + model.pos_embedding
+        )
+        first_attn, first_mlp = model.transformer.layers[0]
+        tokens = tokens + first_attn(tokens)
+        y = attn.norm(tokens + first_mlp(tokens))
+        q, k = attn.fn.queries_keys(y)
+        expected = torch.softmax(q @ k.mT * attn.fn.scale, dim=-1)[:, :, 0, 1:].reshape(2, 4, 4, 4)
+    torch.testing.assert_close(measure.attention_maps(model, images), expected)

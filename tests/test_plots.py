@@ -59,3 +59,35 @@ def test_table_numbers_layers_from_one_and_says_which_way_is_better(rows):
     assert [int(cells[0]) for cells in body] == [1, 2, 3]
     assert [float(cells[3]) for cells in body] == pytest.approx([r["sparsity"] for r in rows], abs=1e-4)
     assert "lower = more compressed" in lines[-2] and "higher = sparser" in lines[-1]
+
+
+def test_shapes_samples_and_mask_overlays(tmp_path):
+    images = torch.rand(3, 3, 8, 8)
+    masks = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    masks[:, 2:5, 2:5] = 2
+    painted = plots.overlay_masks(images, masks)
+    assert painted.shape == (3, 3, 8, 8)
+    assert torch.equal(painted[:, :, 0, 0], images[:, :, 0, 0])  # background untouched
+    assert not torch.equal(painted[:, :, 3, 3], images[:, :, 3, 3])
+    path = plots.plot_shapes_samples(images, masks, tmp_path / "shapes.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_trend_sentence_reads_the_slopes_and_scores_table():
+    def layers(compression, sparsity):
+        return [
+            {"layer": i + 1, "compression": c, "sparsity": s}
+            for i, (c, s) in enumerate(zip(compression, sparsity, strict=True))
+        ]
+
+    paper = layers([3.0, 2.0, 1.5], [0.1, 0.3, 0.2])
+    assert measure.depth_slopes(paper) == pytest.approx((-0.75, 0.05))
+    sentence = plots.format_trend(layers([1.0, 2.0, 3.0], [0.3, 0.2, 0.1]), paper)
+    assert sentence.endswith(".") and "\n" not in sentence  # one sentence
+    assert "through layers 1..3): the trained model shows it (R^c falls, -0.75 per layer; sparsity rises" in sentence
+    assert "at initialisation it does not show it (R^c rises, +1.00 per layer; sparsity falls" in sentence
+    flat = plots.format_trend(paper, layers([2.0, 2.0, 2.001], [0.1, 0.2, 0.3]))
+    assert "the trained model shows half of it (R^c is flat, +0.00 per layer; sparsity rises" in flat
+    scores = [{"model": "crate", "accuracy": 0.98, "fit_s": 30.0}, {"model": "k-NN", "accuracy": 0.5, "fit_s": 0.01}]
+    table = plots.format_scores(scores)
+    assert table.splitlines()[1].split() == ["crate", "98.00%", "30.00"] and len(table.splitlines()) == 3

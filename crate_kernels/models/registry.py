@@ -17,6 +17,7 @@ from crate_kernels.models.crate import CRATE
 from crate_kernels.models.crate_alpha import CRATEAlpha
 from crate_kernels.models.crate_lm import CRATELM, CRATEMLM
 from crate_kernels.models.crate_mae import CRATEMAE
+from crate_kernels.models.vit import ViT
 
 
 def _vit(dim: int, depth: int, heads: int, patch: int) -> dict[str, Any]:
@@ -33,6 +34,7 @@ def _vit(dim: int, depth: int, heads: int, patch: int) -> dict[str, Any]:
 
 # Upstream's widths (dim, depth, heads), shared by vanilla CRATE and CRATE-α; small has P = 48.
 _TINY, _SMALL, _BASE, _LARGE = (384, 12, 6), (576, 12, 12), (768, 12, 12), (1024, 24, 16)
+_SIZES = {"tiny": _TINY, "small": _SMALL, "base": _BASE, "large": _LARGE}
 _IMAGENET = {"num_classes": 1000}
 # crate-lm's "crate" (base) is GPT-2-small sized, with nanoGPT's padded GPT-2 vocabulary; small is ours (crate-lm
 # ships no smaller multi-layer size).
@@ -71,6 +73,9 @@ MODELS: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "crate_mae_demo": (CRATEMAE, _DEMO_IMAGES | {"num_classes": 0}),
     "crate_lm_demo": (CRATELM, _DEMO_TEXT),
     "crate_mlm_demo": (CRATEMLM, _DEMO_TEXT),
+    # The black-box baseline at each vanilla CRATE preset's width, depth and patch, and the demo's size.
+    **{f"vit_{s}_patch{p}_224": (ViT, _vit(*w, p) | _IMAGENET) for s, w in _SIZES.items() for p in (16, 8)},
+    "vit_demo": (ViT, _DEMO_IMAGES),
 }
 
 

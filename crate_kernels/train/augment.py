@@ -1,9 +1,10 @@
 """Image transforms written on tensors (torchvision does not load beside the CPU torch here).
 
-Every random transform draws from the sample's own stream (``streams``: ``augment`` for crop, flip and RandAugment,
-``mix`` for Mixup / CutMix), so a sample's augmentation is a function of (seed, epoch, sample id) alone.
+Every random transform draws from the sample's own stream (``streams``: ``augment`` for crop, flip, shift and
+RandAugment, ``mix`` for Mixup / CutMix), so a sample's augmentation is a function of (seed, epoch, sample id) alone.
 
 - :func:`crop_box`: a RandomResizedCrop box (area share in [scale, 1], aspect ratio in [3/4, 4/3], clipped).
+- :func:`draw_shift`: a random translation of up to a share of each side (RandomAffine's ``translate``).
 - :func:`center_box`: the eval crop, resize to ``size · 256/224`` then centre crop ``size``, as one box.
 - :func:`resized_crop`: a box of an image resized to ``size × size`` (bilinear, antialiased).
 - :func:`rand_augment`: RandAugment (Cubuk et al. 2020), torchvision's op set and magnitudes, on one image.
@@ -29,7 +30,8 @@ class Augment:
     """A training set's random transforms, drawn per sample from stream ``augment`` (seed, epoch, sample).
 
     ``crop_scale``: smallest area share of the random resized crop (1.0 and no flip: no crop); ``hflip``: mirror with
-    probability ½; ``randaugment``: RandAugment ops per image (0 = off) at ``magnitude`` (0–30).
+    probability ½; ``randaugment``: RandAugment ops per image (0 = off) at ``magnitude`` (0–30); ``translate``: shift
+    each image by up to this share of its side along each axis (0 = off).
     """
 
     seed: int
@@ -37,6 +39,11 @@ class Augment:
     hflip: bool = False
     randaugment: int = 0
     magnitude: int = 9
+    translate: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.crop_scale < 1 or self.hflip or self.randaugment > 0 or self.translate > 0
 
     def generator(self, epoch: int, sample: int) -> torch.Generator:
         return streams.generator("augment", self.seed, epoch, sample)
@@ -92,12 +99,23 @@ def crop_and_flip(H: int, W: int, augment: Augment, g: torch.Generator, whole_pi
     return box, augment.hflip and float(torch.rand((), generator=g)) < 0.5
 
 
+def draw_shift(H: int, W: int, translate: float, g: torch.Generator) -> tuple[float, float]:
+    """(dy, dx) in pixels, each uniform in [−translate·side, translate·side]; (0, 0) without a draw when
+    ``translate`` is 0 (the sample's later draws stay what they were without it)."""
+    if translate == 0:
+        return 0.0, 0.0
+    uy, ux = torch.rand(2, generator=g).tolist()
+    return (2 * uy - 1) * translate * H, (2 * ux - 1) * translate * W
+
+
 def train_transform(image: torch.Tensor, size: int, augment: Augment, epoch: int, sample: int) -> torch.Tensor:
-    """A decoded (C, H, W) image in [0, 1] -> its training view (C, size, size): crop, flip, RandAugment."""
+    """A decoded (C, H, W) image in [0, 1] -> its training view (C, size, size): crop, flip, shift, RandAugment."""
     g = augment.generator(epoch, sample)
     box, flip = crop_and_flip(*image.shape[-2:], augment, g, whole_pixels=True)
     out = resized_crop(image, box, size)
     out = out.flip(-1) if flip else out
+    dy, dx = draw_shift(size, size, augment.translate, g)
+    out = _affine(out, [1, 0, -2 * round(dx) / size, 0, 1, -2 * round(dy) / size]) if (dy, dx) != (0, 0) else out
     return rand_augment(out, augment.randaugment, augment.magnitude, g) if augment.randaugment else out
 
 

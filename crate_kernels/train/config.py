@@ -27,13 +27,13 @@ from crate_kernels.models.registry import parse_model_args
 
 TASKS = ("classify", "mae", "lm", "mlm", "dino")
 PARALLEL = ("none", "ddp", "fsdp2")
-# The model and data each task uses when --model / --data are not given.
+# Without --model / --data: each task's model, data, and model arguments under --model-args (docs/design.md, "Training")
 TASK_DEFAULTS = {
-    "classify": ("crate_demo", "digits"),
-    "mae": ("crate_mae_demo", "digits"),
-    "lm": ("crate_lm_demo", "pydoc"),
-    "mlm": ("crate_mlm_demo", "pydoc"),
-    "dino": ("crate_demo", "digits"),
+    "classify": ("crate_demo", "digits", "patch_size=4"),
+    "mae": ("crate_mae_demo", "digits", ""),
+    "lm": ("crate_lm_demo", "pydoc", ""),
+    "mlm": ("crate_mlm_demo", "pydoc", ""),
+    "dino": ("crate_demo", "digits", ""),
 }
 
 
@@ -52,7 +52,7 @@ def did_you_mean(word: str, known: typing.Iterable[str] | dict[str, str]) -> str
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = ""  # a registry name (crate_kernels.list_models()); "" = the task's demo model
-    args: str = ""  # constructor overrides "dim=64,depth=4"; values are Python literals
+    args: str = ""  # constructor overrides "dim=64,depth=4" (Python literals); no --model: over patch_size=4 (classify)
     backend: str = "auto"  # crate_kernels.set_backend: auto = Triton kernels where they run, else PyTorch
     compile: bool = False  # torch.compile the model
     grad_checkpointing: bool = False  # recompute each block's activations in backward: less memory, more compute
@@ -60,10 +60,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = ""  # digits | lfw | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
+    name: str = ""  # digits | lfw | shapes | pydoc, or a path: image folder tree, CIFAR python batches dir, text file
     val_fraction: float = 0.2  # held-out share for sets without an official split
     image_size: int = 0  # resize images to this side; 0 = the data's own size (224 for an image folder)
-    crop_scale: float = 0.85  # random resized crop: smallest area share (1.0 = no crop)
+    crop_scale: float = 1.0  # random resized crop: smallest area share (1.0 = no crop)
+    translate: float = 0.0625  # random shift, uniform up to this share of each side (half a pixel of 8×8); 0 = off
     hflip: bool = False  # random horizontal flip (off for digits: a mirrored 2 is not a 2)
     randaugment: int = 0  # RandAugment ops per training image (0 = off)
     randaugment_magnitude: int = 9  # RandAugment strength, 0-30
@@ -115,7 +116,7 @@ class TrainConfig:
     max_steps: int = 0  # stop after this step (0 = steps); the schedule still follows `steps`
     parallel: str = "none"  # one process, or under torchrun: DDP (replicas) or FSDP2 (sharded, ZeRO-3)
     device: str = "auto"  # auto = cuda when present
-    cpu_threads: int = 1  # torch threads when training on CPU: small models run fastest on one; 0 = torch's default
+    cpu_threads: int = 0  # torch threads on CPU; 0 = one per core (on a busy machine 1 is faster: README)
     precision: str = "auto"  # autocast dtype; auto = bf16 on CUDA, fp32 on CPU
     seed: int = 0  # initial weights, data order, augmentations, dropout
     log_every: int = 10  # steps between metrics records
@@ -134,12 +135,12 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """Fill the task-dependent defaults ("" model or data) and check every choice; raises ValueError."""
         _check_choice("task.name", self.task.name)
-        model_name, data_name = TASK_DEFAULTS[self.task.name]
-        cfg = dataclasses.replace(
-            self,
-            model=dataclasses.replace(self.model, name=self.model.name or model_name),
-            data=dataclasses.replace(self.data, name=self.data.name or data_name),
-        )
+        model_name, data_name, model_args = TASK_DEFAULTS[self.task.name]
+        model, data = self.model, dataclasses.replace(self.data, name=self.data.name or data_name)
+        if not model.name:  # the demo model with its training arguments, under the user's
+            args = parse_model_args(model_args) | parse_model_args(model.args)
+            model = dataclasses.replace(model, name=model_name, args=",".join(f"{k}={v!r}" for k, v in args.items()))
+        cfg = dataclasses.replace(self, model=model, data=data)
         cfg.check()
         return cfg
 
@@ -147,27 +148,26 @@ class TrainConfig:
         values = flatten(self.to_dict())
         for key in CHOICES:
             _check_choice(key, values[key])
-        positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size}
-        positive |= {"--optim.grad_accum": self.optim.grad_accum, "--log-every": self.log_every}
-        positive |= {"--eval-every": self.eval_every, "--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}
-        for flag, value in positive.items():
+        positive = {"--steps": self.steps, "--optim.batch_size": self.optim.batch_size, "--log-every": self.log_every}
+        positive |= {"--optim.grad_accum": self.optim.grad_accum, "--eval-every": self.eval_every}
+        for flag, value in (positive | {"--ckpt-every": self.ckpt_every, "--keep-last": self.keep_last}).items():
             if value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
-        if not 0.0 < self.data.crop_scale <= 1.0:
-            raise ValueError(f"--data.crop_scale must be in (0, 1], got {self.data.crop_scale}")
-        counts = {"--max-steps": self.max_steps, "--data.workers": self.data.workers, "--task.cutmix": self.task.cutmix}
-        counts |= {"--data.randaugment": self.data.randaugment, "--task.mixup": self.task.mixup}
-        for flag, value in counts.items():
+        d = self.data
+        if not (0.0 < d.crop_scale <= 1.0 and 0.0 <= d.translate < 0.5):
+            raise ValueError(
+                f"--data.crop_scale {d.crop_scale} must be in (0, 1], --data.translate {d.translate} in [0, 0.5)"
+            )
+        counts = {"--max-steps": self.max_steps, "--data.workers": d.workers, "--data.randaugment": d.randaugment}
+        for flag, value in (counts | {"--task.cutmix": self.task.cutmix, "--task.mixup": self.task.mixup}).items():
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
-        if not 0 <= self.data.randaugment_magnitude <= 30:
-            raise ValueError(f"--data.randaugment_magnitude must be in [0, 30], got {self.data.randaugment_magnitude}")
-        if not 0.0 < self.data.val_fraction < 1.0:
-            raise ValueError(f"--data.val_fraction must be in (0, 1), got {self.data.val_fraction}")
-        if not 0.0 < self.task.mask_ratio < 1.0:  # the MAE loss averages over the masked patches: some must be
-            raise ValueError(f"--task.mask_ratio must be in (0, 1), got {self.task.mask_ratio}")
-        if not 0.0 < self.task.mlm_probability < 1.0:
-            raise ValueError(f"--task.mlm_probability must be in (0, 1), got {self.task.mlm_probability}")
+        if not 0 <= d.randaugment_magnitude <= 30:
+            raise ValueError(f"--data.randaugment_magnitude must be in [0, 30], got {d.randaugment_magnitude}")
+        shares = {"--data.val_fraction": d.val_fraction, "--task.mask_ratio": self.task.mask_ratio}
+        for flag, value in (shares | {"--task.mlm_probability": self.task.mlm_probability}).items():
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{flag} must be in (0, 1), got {value}")
         if self.optim.lr <= 0 or self.optim.min_lr < 0 or self.optim.warmup_steps < 0 or self.optim.grad_clip < 0:
             raise ValueError("--optim.lr must be > 0 and --optim.min_lr, --optim.warmup_steps, --optim.grad_clip >= 0")
         parse_model_args(self.model.args)

@@ -1,7 +1,8 @@
 """Training and held-out sets: small ones in memory, image folders read per sample; every set yields ``Batch``es.
 
 Embedded sets (no download): ``digits`` (scikit-learn, 1,797 8×8 grey digits, 10 classes), ``lfw`` (scikit-image
-``lfw_subset``: 200 25×25 grey images, face / non-face), ``pydoc`` (Python's documentation text, ~465k characters,
+``lfw_subset``: 200 25×25 grey images, face / non-face), ``shapes`` (``shapes.py``: 4,000 drawn 64×64 RGB images
+of 1-3 objects, 5 classes, with object masks), ``pydoc`` (Python's documentation text, ~465k characters,
 for character-level LM/MLM). Local paths: an image folder tree (``root/<class>/*``, or ``root/train/<class>`` and
 ``root/val/<class>``), read per sample (``ImageFolder``), a CIFAR-10/100 python-batches directory, a text file.
 
@@ -22,8 +23,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crate_kernels.train import folder, streams
-from crate_kernels.train.augment import Augment, crop_and_flip, eval_transform, rand_augment, resize, train_transform
+from crate_kernels.train import folder, shapes, streams
+from crate_kernels.train.augment import (
+    Augment,
+    crop_and_flip,
+    draw_shift,
+    eval_transform,
+    rand_augment,
+    resize,
+    train_transform,
+)
 from crate_kernels.train.config import DataConfig
 
 try:  # numpy >= 2
@@ -73,13 +82,15 @@ class Batch:
 
 @dataclass
 class ImageSet:
-    """``images`` (N, C, H, W) float32 in [0, 1]; ``labels`` (N,) int64; ``mean``/``std`` (C,) of the train split."""
+    """``images`` (N, C, H, W) float32 in [0, 1]; ``labels`` (N,) int64; ``mean``/``std`` (C,) of the train split;
+    ``masks`` (N, H, W) uint8 object ids (0 = background) where the set has them (``shapes``)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
     mean: torch.Tensor
     std: torch.Tensor
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -89,23 +100,26 @@ class ImageSet:
         return tuple(self.images.shape[1:])
 
     def batch(self, ids: torch.Tensor, epoch: int = -1, augment: Augment | None = None) -> Batch:
-        """Normalised images (b, C, H, W) of samples ``ids``, cropped, flipped and RandAugmented under ``augment``."""
+        """Normalised images (b, C, H, W) of samples ``ids``, cropped, flipped, shifted and RandAugmented under
+        ``augment``."""
         x = self.images[ids]
-        if augment is not None and (augment.crop_scale < 1 or augment.hflip or augment.randaugment):
+        if augment is not None and augment.active:
             x = _augmented(x, ids, epoch, augment)
         return Batch((x - self.mean[:, None, None]) / self.std[:, None, None], self.labels[ids], ids, epoch)
 
 
 def _augmented(images: torch.Tensor, ids: torch.Tensor, epoch: int, augment: Augment) -> torch.Tensor:
-    """Each image (b, C, H, W) resampled at its crop box (fractional: these images are small) and flip."""
+    """Each image (b, C, H, W) resampled at its crop box and shift (fractional: these images are small) and flip;
+    what a shift or a crop brings in from outside the image is the border reflected."""
     b, _, H, W = images.shape
     theta = torch.zeros(b, 2, 3)
     generators = [augment.generator(epoch, int(i)) for i in ids]
     for k, g in enumerate(generators):
         (top, left, h, w), flip = crop_and_flip(H, W, augment, g, whole_pixels=False)
+        dy, dx = draw_shift(H, W, augment.translate, g)
         # affine_grid maps output to input in coordinates where [-1, 1] spans the image.
-        theta[k, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * left + w) / W - 1])
-        theta[k, 1] = torch.tensor([0, h / H, (2 * top + h) / H - 1])
+        theta[k, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * (left - dx) + w) / W - 1])
+        theta[k, 1] = torch.tensor([0, h / H, (2 * (top - dy) + h) / H - 1])
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if augment.randaugment:
@@ -201,11 +215,19 @@ DataSet = ImageSet | ImageFolder | TextSet
 # ---- loading ----
 
 
-def _split(n: int, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed held-out split (stream ``split``: independent of --seed, so every run evaluates on the same images)."""
+def _split(n: int, val_fraction: float, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed held-out split (stream ``split``: independent of --seed, so every run evaluates on the same images);
+    with ``labels`` (n,) stratified: each class holds out the same share (rounded), as scikit-learn's
+    ``train_test_split(stratify=...)``, so the classical baselines of a run compare on a split they would use."""
     perm = torch.randperm(n, generator=streams.generator("split"))
-    n_val = round(n * val_fraction)
-    return perm[n_val:], perm[:n_val]
+    if labels is None:
+        n_val = round(n * val_fraction)
+        return perm[n_val:], perm[:n_val]
+    held_out = torch.zeros(n, dtype=torch.bool)
+    for c in labels.unique().tolist():
+        members = perm[labels[perm] == c]  # in the permutation's order
+        held_out[members[: round(len(members) * val_fraction)]] = True
+    return perm[~held_out[perm]], perm[held_out[perm]]  # both in the permutation's order: classes mixed
 
 
 def _image_sets(
@@ -219,7 +241,7 @@ def _image_sets(
 
 
 def _split_arrays(images: torch.Tensor, labels: torch.Tensor, cfg: DataConfig):
-    train_idx, val_idx = _split(len(labels), cfg.val_fraction)
+    train_idx, val_idx = _split(len(labels), cfg.val_fraction, labels)
     return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx])
 
 
@@ -298,7 +320,7 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
     """
     name = cfg.name
     path = Path(name)
-    embedded_text, embedded_images = {"pydoc"}, {"digits", "lfw"}
+    embedded_text, embedded_images = {"pydoc"}, {"digits", "lfw", "shapes"}
     if name not in embedded_text | embedded_images and not path.exists():
         raise ValueError(
             f"--data: {name!r} is neither an embedded set ({', '.join(sorted(embedded_images | embedded_text))}) "
@@ -328,11 +350,18 @@ def load_dataset(cfg: DataConfig, text: bool) -> tuple[DataSet, DataSet]:
         images = torch.tensor(lfw_subset(), dtype=torch.float32)[:, None]
         labels = (torch.arange(len(images)) < 100).long()  # the first 100 are faces
         return _image_sets(*_split_arrays(images, labels, cfg), cfg)
+    if name == "shapes":
+        drawn = shapes.generate(shapes.COUNT, cfg.image_size or 64)
+        index = _split(len(drawn.labels), cfg.val_fraction)
+        sets = _image_sets(*((drawn.images[i], drawn.labels[i]) for i in index), cfg)
+        for split, i in zip(sets, index, strict=True):
+            split.masks = drawn.masks[i]
+        return sets
     if path.is_dir() and is_cifar(path):
         return _image_sets(*_load_cifar(path), cfg)
     if path.is_dir():
         return _folder_sets(path, cfg)
-    raise ValueError(f"--data: an image task needs digits, lfw, an image folder or CIFAR batches, got {name!r}")
+    raise ValueError(f"--data: an image task needs digits, lfw, shapes, an image folder or CIFAR batches, got {name!r}")
 
 
 def photograph(name: str = "astronaut", size: int = 224, channels: int = 3) -> torch.Tensor:

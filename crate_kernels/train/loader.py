@@ -119,7 +119,9 @@ class TrainBatches:
         self.position, self._steps = Position(), None
         d, text = cfg.data, isinstance(dataset, TextSet)
         self.augment = (
-            None if text else Augment(cfg.seed, d.crop_scale, d.hflip, d.randaugment, d.randaugment_magnitude)
+            None
+            if text
+            else Augment(cfg.seed, d.crop_scale, d.hflip, d.randaugment, d.randaugment_magnitude, d.translate)
         )
 
     def state_dict(self) -> dict[str, int]:

@@ -14,11 +14,11 @@ import torch
 
 import crate_kernels
 from crate_kernels import files
-from crate_kernels.measure import layerwise
-from crate_kernels.plots import format_table, plot_run
-from crate_kernels.train import checkpoint, distributed, run_folder, streams
+from crate_kernels.measure import has_crate_layers, layerwise
+from crate_kernels.plots import format_scores, format_table, format_trend, plot_run
+from crate_kernels.train import baselines, checkpoint, distributed, run_folder, streams
 from crate_kernels.train.config import ConfigError, TrainConfig
-from crate_kernels.train.data import TextSet, load_dataset
+from crate_kernels.train.data import ImageSet, TextSet, load_dataset
 from crate_kernels.train.distributed import Context
 from crate_kernels.train.faults import RunError, RunInterruptedError, StopSignals
 from crate_kernels.train.loader import TrainBatches, UnreadableFiles, check_batch_size, eval_batches
@@ -148,15 +148,17 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
 
-    model = distributed.wrap(model.to(ctx.device), ctx)
-    base = getattr(model, "module", model)  # under DDP, the model itself (for names and attributes)
-    optimizer = build_optimizer(base, cfg)
-    scheduler = build_scheduler(optimizer, cfg)
-    forward = torch.compile(model) if cfg.model.compile else model
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
         cfg.precision, torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     )
     autocast = lambda: torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    # The initial weights follow from the seed alone, so a resumed run measures the same initialisation.
+    init_rows = _layer_rows(model.to(ctx.device), val_set, ctx, autocast)
+    model = distributed.wrap(model, ctx)
+    base = getattr(model, "module", model)  # under DDP, the model itself (for names and attributes)
+    optimizer = build_optimizer(base, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    forward = torch.compile(model) if cfg.model.compile else model
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
 
     # Nothing is written before the folder's record agrees with this config and a checkpoint has been read back.
@@ -184,6 +186,7 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
         total=cfg.last_step, initial=step, disable=not (ctx.is_main and cfg.progress), desc="train", mininterval=1
     )
     tick, last_logged, evaluated = time.perf_counter(), step, None
+    start, first_step = tick, step
     while step < cfg.last_step:
         # Every rank stops at the same step when any got SIGINT/SIGTERM (the checkpoint is collective).
         signum = int(distributed.all_reduce(torch.tensor([stop.signum], device=ctx.device), ctx, op="max"))
@@ -237,34 +240,53 @@ def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float
             tick, last_logged = time.perf_counter(), step  # throughput leaves evaluation and checkpoints out
     bar.close()
     data.close()
+    trained = {"steps": step - first_step, "seconds": time.perf_counter() - start}
 
     if evaluated is None:  # nothing left to train: report on the finished run
         evaluated = evaluate(task, forward, val_set, cfg, ctx, autocast, train_set)
-    _report(task, base, val_set, evaluated, metrics, run_dir, ctx, autocast)
+    _report(task, base, (train_set, val_set), evaluated, trained, (metrics, run_dir, ctx, autocast), init_rows)
     if cfg.export:
         checkpoint.export_safetensors(model, run_dir / "model.safetensors", ctx)
     metrics.close()
     return evaluated
 
 
-def _report(task, model, val_set, evaluated, metrics, run_dir, ctx, autocast) -> None:
-    """Final artefacts: the task's (picture, sample), the per-layer table, the plot; printed on rank 0.
+def _layer_rows(model, val_set, ctx: Context, autocast) -> list[dict[str, float]]:
+    """``layerwise`` on the report's batch: the first 256 held-out samples, the same draws on every rank."""
+    if not has_crate_layers(model):  # the ViT baseline: nothing to measure
+        return []
+    x = val_set.batch(torch.arange(min(256, len(val_set)))).inputs
+    with autocast(), streams.fork("report", device=ctx.device):  # the MAE's random masks
+        return layerwise(model, x.to(ctx.device))
 
-    ``model`` is the model itself (inside DDP); under FSDP2 every rank runs these forwards together.
+
+def _report(task, model, sets, evaluated, trained, where, init_rows) -> None:
+    """Final artefacts: the task's (picture, sample), the per-layer table beside the initialisation's, the plot, and
+    for an in-memory classification set the classical baselines on the same split; printed on rank 0.
+
+    ``model`` is the model itself (inside DDP); under FSDP2 every rank runs these forwards together. ``sets`` is
+    (train, held-out); ``trained`` the steps and seconds this process trained; ``where`` (metrics, run folder,
+    context, autocast).
     """
+    (train_set, val_set), (metrics, run_dir, ctx, autocast) = sets, where
     model.eval()
     lines = [f"held-out {k.removeprefix('eval_')}: {v:.4f}" for k, v in evaluated.items() if k != "eval_accuracy"]
     if "eval_accuracy" in evaluated:
         lines.append(f"held-out accuracy: {100 * evaluated['eval_accuracy']:.2f}% ({len(val_set)} samples)")
+    lines.append(f"trained {trained['steps']} steps in {trained['seconds']:.1f} s")
     with autocast():
         lines += task.finish(model, val_set, run_dir, ctx.is_main)
-        x = val_set.batch(torch.arange(min(256, len(val_set)))).inputs
-        with streams.fork("report", device=ctx.device):  # the MAE's random masks
-            rows = layerwise(model, x.to(ctx.device))
-        lines.append(format_table(rows))
-    if ctx.is_main:
-        plot_run(
-            metrics.records(), rows, run_dir / "metrics.png", label=getattr(model, "config", {}).get("name", "final")
-        )
-        lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
-        print("\n".join(lines), flush=True)
+    rows = _layer_rows(model, val_set, ctx, autocast)
+    if rows:  # none for a model without CRATE layers (the ViT baseline)
+        lines += [format_table(rows), format_trend(init_rows, rows)]
+    if not ctx.is_main:
+        return
+    name = getattr(model, "config", {}).get("name", "final")
+    plot_run(metrics.records(), rows, run_dir / "metrics.png", label=f"{name}, trained", init_rows=init_rows)
+    lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
+    if "eval_accuracy" in evaluated and isinstance(train_set, ImageSet) and baselines.fits_quickly(train_set):
+        scores = [{"model": f"{name} (this run)", "accuracy": evaluated["eval_accuracy"], "fit_s": trained["seconds"]}]
+        scores += baselines.score_baselines(train_set, val_set)
+        baselines.write_scores(scores, run_dir)
+        lines += [f"the same split, classical baselines ({run_dir / 'baselines.json'}):", format_scores(scores)]
+    print("\n".join(lines), flush=True)

@@ -13,7 +13,7 @@ a resumed run continues bit-for-bit.
 | ``init`` | seed | the torch RNG while the model is built: the same initial weights on every rank |
 | ``dropout`` | seed, rank | the torch RNG each rank trains with (dropout): its own masks per rank |
 | ``order`` | seed, epoch | the epoch's permutation of the training set |
-| ``augment`` | seed, epoch, sample | a training sample's crop, flip and RandAugment ops |
+| ``augment`` | seed, epoch, sample | a training sample's crop, flip, shift and RandAugment ops |
 | ``mix`` | seed, epoch, sample | a training sample's Mixup / CutMix weight, choice and box |
 | ``mask`` | seed, epoch, sample | a training sample's MAE patch mask or MLM token mask |
 | ``crops`` | seed, epoch, sample | a training sample's DINO views: crops, flips, colour jitter, blur, solarisation |

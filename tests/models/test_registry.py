@@ -11,10 +11,11 @@ DEMOS = ["crate_demo", "crate_alpha_demo", "crate_mae_demo", "crate_lm_demo", "c
 ALPHA = ["crate_alpha_small_patch16_224", "crate_alpha_base_patch16_224", "crate_alpha_large_patch14_224"]
 MAE = [f"crate_mae_{s}_patch16_224" for s in ("tiny", "small", "base", "large")]
 TEXT = ["crate_lm_small", "crate_lm_base", "crate_mlm_small", "crate_mlm_base"]
+VIT = [f"vit_{s}_patch{p}_224" for s in ("tiny", "small", "base", "large") for p in (16, 8)] + ["vit_demo"]
 
 
 def test_contract_names_are_registered():
-    assert set(VANILLA + ALPHA + MAE + TEXT + DEMOS) == set(list_models())
+    assert set(VANILLA + ALPHA + MAE + TEXT + DEMOS + VIT) == set(list_models())
     assert list_models() == sorted(list_models())
 
 

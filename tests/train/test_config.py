@@ -61,8 +61,8 @@ def test_config_unknown_flag_exits():
 def test_config_files_toml_and_json(tmp_path):
     toml = tmp_path / "run.toml"
     toml.write_text('steps = 50\n[optim]\nname = "lion"\nlr = 1\n[model]\nargs = "depth=2"\n')
-    cfg = parse_args(["--config", str(toml), "--optim.lr", "2e-4"])  # the flag wins over the file
-    assert (cfg.steps, cfg.optim.name, cfg.optim.lr, cfg.model.args) == (50, "lion", 2e-4, "depth=2")
+    cfg = parse_args(["--config", str(toml), "--optim.lr", "2e-4"])  # the flag wins over the file; args over the demo's
+    assert (cfg.steps, cfg.optim.name, cfg.optim.lr, cfg.model.args) == (50, "lion", 2e-4, "patch_size=4,depth=2")
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps(cfg.to_dict()))
     assert parse_args(["--config", str(saved)]) == cfg  # a run's saved config.json reproduces it

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from crate_kernels.train import streams
-from crate_kernels.train.augment import Augment, center_box, crop_box, mix_pairs, rand_augment
+from crate_kernels.train.augment import Augment, center_box, crop_box, draw_shift, mix_pairs, rand_augment
 from crate_kernels.train.config import DataConfig, from_flat
 from crate_kernels.train.data import ImageFolder, ImageSet, TextSet, decode_text, encode_text, load_dataset
 from crate_kernels.train.distributed import Context
@@ -89,6 +89,22 @@ def test_data_crop_box_and_flip():
     flipped = [bool(torch.equal(x, images[0].flip(-1))) for x in out]
     assert all(f or torch.equal(x, images[0]) for f, x in zip(flipped, out, strict=True))
     assert 16 < sum(flipped) < 48  # about half mirrored
+
+
+def test_data_shift_moves_images_and_split_is_stratified():
+    g = torch.Generator().manual_seed(0)
+    shifts = torch.tensor([draw_shift(8, 8, 0.0625, g) for _ in range(200)])
+    assert shifts.abs().max() <= 0.5 and shifts.abs().max() > 0.45 and draw_shift(8, 8, 0.0, g) == (0.0, 0.0)
+    image = torch.zeros(1, 1, 8, 8)
+    image[..., 2:6, 3] = 1.0  # a vertical stroke
+    data = ImageSet(image.expand(32, 1, 8, 8), torch.zeros(32, dtype=torch.long), 1, torch.zeros(1), torch.ones(1))
+    out = data.batch(torch.arange(32), epoch=0, augment=Augment(seed=0, translate=0.125)).inputs
+    columns = (out.sum(dim=(1, 2)) * torch.arange(8.0)).sum(-1) / out.sum(dim=(1, 2, 3))  # the stroke's centre
+    assert torch.allclose(out.sum(dim=(1, 2, 3)), torch.full((32,), 4.0), atol=1e-4)  # moved, not lost
+    assert (columns - 3).abs().max() <= 1 + 1e-4 and (columns - 3).abs().max() > 0.5
+    train, val = load_dataset(DataConfig(name="digits"), text=False)
+    counts = torch.bincount(val.labels) / torch.bincount(torch.cat([train.labels, val.labels]))
+    assert len(val) == 359 and ((counts - 0.2).abs() < 0.02).all()  # each class holds out a fifth
 
 
 def test_data_rand_augment_ops():
