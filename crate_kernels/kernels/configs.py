@@ -1,16 +1,28 @@
-"""Autotune configurations shared by the kernels: small named generators, each with its prune function.
+"""Kernel configurations (docs/design.md, 'Kernel configurations'): ONE heuristic config per kernel family and launch
+(``mssa_fwd_config``, ``mssa_bwd_config``, ``gemm_config``), and the autotune search, on only by choice.
 
-Under ``TRITON_INTERPRET=1`` every generator returns ONE config: the interpreter cannot benchmark (two or more configs
-fail with '0 active drivers'; docs/design.md, 'The Triton interpreter') and it costs ≈ 2–4 ms per program × tile, so
-that config takes large blocks. ``CRATE_KERNELS_AUTOTUNE=0`` (read at import) keeps one safe default config on GPU too:
-test suites that meet many distinct shapes would otherwise benchmark every config for each. Tests that need small blocks
-(multi-tile loops, masked tails) swap an autotuned kernel's ``configs`` list.
+Heuristic by default: a launch compiles one kernel and benchmarks nothing. ``CRATE_KERNELS_AUTOTUNE=1`` or
+``crate_kernels.set_autotune(True)`` launches through the ``@triton.autotune`` decorators instead, over the configs
+below, pruned per shape; their results persist in Triton's cache directory (``cache_results``), so a second process
+re-tunes nothing. Each heuristic is a pure function of (compute capability, dtype, sizes, mask/epilogue, fp32 matmul
+precision), chosen from the compiled kernels' resource usage (``python -m benchmarks.compile_report``): no register
+spill, no stack frame, within the shared memory of sm_80, sm_90 and sm_100; tests/test_configs.py gates that.
+
+Under ``TRITON_INTERPRET=1`` every search list is ONE config and the launches go through it: the interpreter cannot
+benchmark (two or more configs fail with '0 active drivers'; docs/design.md, 'The Triton interpreter') and it costs
+≈ 2–4 ms per program × tile, so that config takes large blocks. Tests that need small blocks (multi-tile loops, masked
+tails) swap an autotuned kernel's ``configs`` list.
 """
 
 import itertools
 import os
 
+import torch
 import triton
+
+# Compile options every launch passes explicitly (Triton ≥ 3.7 warns when fp fusion is left to its default).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+_autotune: bool | None = None  # set_autotune's choice; None: the environment's
 
 
 def interpreting() -> bool:
@@ -18,21 +30,46 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def set_autotune(enabled: bool) -> None:
+    """Autotune every kernel launch from now on (True), or take the heuristic configs (False, the default unless
+    ``CRATE_KERNELS_AUTOTUNE=1``)."""
+    global _autotune
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune takes a bool, got {type(enabled).__name__}")
+    _autotune = enabled
+
+
 def autotuning() -> bool:
-    return os.environ.get("CRATE_KERNELS_AUTOTUNE", "1") != "0"
+    if _autotune is not None:
+        return _autotune
+    return os.environ.get("CRATE_KERNELS_AUTOTUNE", "0") == "1"
 
 
-def default_attention_config() -> triton.Config:
-    """The one GPU config without autotuning: 64 × 64 tiles fit every P ≤ 128 in the backward's registers."""
+def mssa_fwd_config(
+    capability: tuple[int, int], dtype: torch.dtype, P: int, causal: bool, has_mask: bool, precision: str
+) -> triton.Config:
+    """The MSSA forward's heuristic tile (BLOCK_M query rows × BLOCK_N key rows)."""
     return triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+
+
+def mssa_bwd_config(
+    capability: tuple[int, int], dtype: torch.dtype, P: int, causal: bool, has_mask: bool, precision: str
+) -> triton.Config:
+    """The MSSA backward's heuristic tile (BLOCK_M owned dW rows × BLOCK_N rows streamed)."""
+    return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+
+
+def gemm_config(
+    capability: tuple[int, int], dtype: torch.dtype, M: int, N: int, gated: bool, split: bool, precision: str
+) -> triton.Config:
+    """The ISTA GEMM's heuristic tile for an (M, K) · (K, N) product in ``dtype`` (the dot's)."""
+    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
 
 
 def attention_configs() -> list[triton.Config]:
     """MSSA forward and backward tiles for Hopper: BLOCK_M query (owned) rows × BLOCK_N key rows per inner step."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=4, num_stages=1)]
-    if not autotuning():
-        return [default_attention_config()]
     return [
         triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
         for block_m, block_n, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3))
@@ -62,13 +99,6 @@ def prune_attention_configs(configs: list[triton.Config], named_args: dict, **kw
     return kept or configs[:1]
 
 
-def default_gemm_config() -> triton.Config:
-    """The one GPU config without autotuning: 128 × 128 tiles suit CRATE's token GEMMs (thousands of rows). It is
-    never pruned, so it must fit every dtype: 2 stages, as fp32's split-K variant takes 256 KB of shared memory at 3
-    (Hopper allows 227 KB)."""
-    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=2)
-
-
 def gemm_configs() -> list[triton.Config]:
     """ISTA GEMM tiles for Hopper: 64/128 token rows × 64/128/256 columns × 64-deep K steps; 4 stages where 16-bit
     tiles fit in 160 KB of shared memory, else 3; 8 warps from 128 × 128 up. Pruned per shape by
@@ -76,8 +106,6 @@ def gemm_configs() -> list[triton.Config]:
     shapes."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=1)]
-    if not autotuning():
-        return [default_gemm_config()]
     return [
         triton.Config(
             {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 64, "GROUP_M": 8},

@@ -1,0 +1,143 @@
+"""The heuristic configs compile for sm_90 without spills or a stack frame and fit its shared memory, per kernel family
+(docs/design.md, 'Kernel configurations'); the autotune switch.
+
+The launches come from the ops themselves: each case runs an op forward and backward inside ``backend.dry_run()``
+(CPU tensors; the launchers record kernel, constexprs and heuristic config), and every distinct specialisation is
+compiled with Triton's ptxas in ONE process without TRITON_INTERPRET, once per session. The default run compiles a
+representative subset; the ``slow`` run every dtype (fp32 in tf32 and IEEE, fp16, bf16) × P ∈ {32, 64, 128} × mask.
+"""
+
+import itertools
+import json
+
+import pytest
+import torch
+
+import crate_kernels
+from crate_kernels.kernels import configs
+from tests.utils import run_without_interpreter
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (dtype, fp32 matmul precision, P, causal + key-padding mask): MSSA cases; GEMM cases ignore P and the mask.
+QUICK = [("bf16", "ieee", 64, False), ("fp16", "ieee", 128, True), ("fp32", "tf32", 32, False)]
+FULL = [
+    (dtype, precision, P, masked)
+    for (dtype, precision), P, masked in itertools.product(
+        [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "tf32"), ("fp32", "ieee")], [32, 64, 128], [False, True]
+    )
+]
+# IEEE fp32 dots run on CUDA cores (no tensor cores): its limits, measured, in docs/design.md.
+IEEE_FP32_STACK_BYTES = 0
+
+
+def _record(dtype: str, precision: str, P: int, masked: bool) -> list:
+    """The launches of MSSA, ISTA and overcomplete ISTA, forward and backward, at one case (CRATE-B-like sizes)."""
+    from crate_kernels import backend
+
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    t = DTYPES[dtype]
+    B, N, H, D = 2, 197, 4, 384
+    w = torch.randn(B, N, H, P, dtype=t).transpose(1, 2).requires_grad_()
+    keep = torch.ones(B, N, dtype=torch.bool) if masked else None
+    x = torch.randn(B, N, D, dtype=t, requires_grad=True)
+    dictionary = torch.randn(D, D, dtype=t, requires_grad=True)
+    wide = torch.randn(D, 4 * D, dtype=t, requires_grad=True)
+    with backend.dry_run() as launches:
+        crate_kernels.mssa(w, attn_mask=keep, is_causal=masked).sum().backward()
+        crate_kernels.ista(x, dictionary).sum().backward()
+        crate_kernels.ista_overcomplete(x, wide, residual=x).sum().backward()
+    torch.set_float32_matmul_precision("highest")
+    return launches
+
+
+def profile_cases(cases: list[tuple]) -> str:
+    """JSON rows {case, kernel, constexprs, config, profile} of every distinct launch of ``cases``, compiled for
+    sm_90 (run without TRITON_INTERPRET)."""
+    from benchmarks.compile_report import _config_json, _key, _name
+    from benchmarks.compiled import profile_launch
+
+    rows, seen = [], set()
+    for case in cases:
+        for launch in _record(*case):
+            key = _key(launch)
+            if key in seen:
+                continue
+            seen.add(key)
+            profile = profile_launch(launch)
+            constexprs = {k: str(v) for k, v in launch.constexprs.items()}
+            row = {"case": list(case), "kernel": _name(launch.kernel), "constexprs": constexprs}
+            rows.append(row | {"config": _config_json(launch.config), "profile": profile._asdict()})
+    return json.dumps(rows)
+
+
+_ROWS: dict[str, list[dict]] = {}
+
+
+def _rows(which: str) -> list[dict]:
+    """Profiles of the QUICK or FULL cases, compiled once per session in one process."""
+    if which not in _ROWS:
+        pytest.importorskip("triton.backends.nvidia")
+        cases = QUICK if which == "quick" else FULL
+        code = f"from tests.test_configs import profile_cases; print(profile_cases({cases!r}))"
+        _ROWS[which] = json.loads(run_without_interpreter(code).splitlines()[-1])
+    return _ROWS[which]
+
+
+def _assert_fit(rows: list[dict], kernels: tuple[str, ...]) -> None:
+    rows = [r for r in rows if r["kernel"] in kernels]
+    assert rows, f"no launch of {kernels}"
+    bad = []
+    for r in rows:
+        p = r["profile"]
+        ieee_fp32 = r["case"][:2] == ["fp32", "ieee"]
+        stack_limit = IEEE_FP32_STACK_BYTES if ieee_fp32 else 0
+        fits = p["spill_bytes"] <= stack_limit and p["stack_bytes"] <= stack_limit and p["shared_bytes"] <= 232448
+        if not fits:
+            bad.append(f"{r['kernel']} {r['case']} {r['config']}: {p}")
+    assert not bad, "\n".join(bad)
+
+
+FAMILIES = {
+    "mssa_fwd": ("_mssa_fwd_kernel",),
+    "mssa_bwd": ("_mssa_bwd_kernel", "_mssa_bwd_delta_kernel"),
+    "gemm": ("_ista_gemm_kernel",),
+}
+SKIP_ON_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run them")
+
+
+@SKIP_ON_GPU
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heuristic_configs_fit_hopper(family):
+    """The representative cases: bf16 at P = 64, fp16 causal and masked at P = 128, fp32 (tf32) at P = 32."""
+    _assert_fit(_rows("quick"), FAMILIES[family])
+
+
+@pytest.mark.slow
+@SKIP_ON_GPU
+@pytest.mark.parametrize("family", FAMILIES)
+def test_heuristic_configs_fit_hopper_every_case(family):
+    """fp32 (tf32 and IEEE) / fp16 / bf16 × P ∈ {32, 64, 128} × (no mask, causal + key-padding mask)."""
+    _assert_fit(_rows("full"), FAMILIES[family])
+
+
+def test_set_autotune(monkeypatch):
+    monkeypatch.setattr(configs, "_autotune", None)
+    monkeypatch.delenv("CRATE_KERNELS_AUTOTUNE", raising=False)
+    assert not configs.autotuning()
+    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
+    assert configs.autotuning()
+    crate_kernels.set_autotune(False)
+    assert not configs.autotuning()
+    with pytest.raises(TypeError, match="bool"):
+        crate_kernels.set_autotune(1)
+
+
+def test_autotune_keys_separate_what_compiles_differently():
+    """Tuned tiles persist on disk (Triton's cache_results) under the autotune key: every constexpr that changes the
+    compiled kernel beyond the tensors' dtypes must be in it."""
+    from crate_kernels.kernels.ista import _ista_gemm_kernel
+    from crate_kernels.kernels.mssa import _mssa_bwd_kernel, _mssa_fwd_kernel
+
+    assert {"DOT_DTYPE", "DOT_PRECISION"} <= set(_ista_gemm_kernel.keys)
+    for kernel in (_ista_gemm_kernel, _mssa_fwd_kernel, _mssa_bwd_kernel):
+        assert kernel.cache_results
