@@ -121,18 +121,17 @@ def _markdown(data: dict) -> str:
     for r in data["kernels"]:
         constexprs = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k not in skip and "stride" not in k)
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
+        usage = " | ".join(str(r[k]) for k in ("registers", "spill_bytes", "stack_bytes", "shared_bytes", "occupancy"))
         lines.append(
-            f"| {r['kernel']} | {constexprs} | {config} | {r['compile_s']:.2f} | {r['registers']} | "
-            f"{r['spill_bytes']} | {r['stack_bytes']} | {r['shared_bytes']} | {r['occupancy']} | {r['tensor_core_ops']} |"
+            f"| {r['kernel']} | {constexprs} | {config} | {r['compile_s']:.2f} | {usage} | {r['tensor_core_ops']} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.compiled import TARGETS
     from crate_kernels.files import write_text
     from crate_kernels.models.registry import MODELS
-
-    from benchmarks.compiled import TARGETS
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, choices=sorted(MODELS), metavar="PRESET")

@@ -138,7 +138,7 @@ def assert_configs_fit_hopper(
         assert shared <= HOPPER_MAX_SHARED, f"{what}{config}: {shared} B of shared memory"
 
 
-def run_without_interpreter(code: str) -> str:
+def run_without_interpreter(code: str, timeout: float = 300) -> str:
     """Run Python ``code`` from the repository root in a fresh process with TRITON_INTERPRET unset; its stdout, or
     fail with its stderr."""
     import subprocess
@@ -148,6 +148,6 @@ def run_without_interpreter(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-c", code]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from crate_kernels.kernels.configs import gemm_config
 from crate_kernels.kernels.ista import _ista_gemm_kernel
-from crate_kernels.ops.launch import capability, dot_precision, interpreter_upcast, launch, on_device
+from crate_kernels.ops.launch import dot_precision, interpreter_upcast, launch, on_device
 
 
 class Gated(NamedTuple):
@@ -93,8 +93,7 @@ def _launch(
         "UPCAST": interpreter_upcast(dot_dtype, (torch.float16, torch.bfloat16)),
         "DOT_PRECISION": dot_precision(a_t),
     }
-    gated = isinstance(a, Gated) or isinstance(b, Gated) or isinstance(residual, Gated)
-    config = gemm_config(capability(c), dot_dtype, M, N, gated, c.dim() == 3, constexprs["DOT_PRECISION"])
+    config = gemm_config(dot_dtype)
     with on_device(c):
         launch(_ista_gemm_kernel, grid, args, constexprs, config)
 

@@ -56,15 +56,11 @@ def interpreter_upcast(t: torch.Tensor | torch.dtype, dtypes: tuple[torch.dtype,
     return backend.interpreting() and dtype in dtypes
 
 
-def capability(t: torch.Tensor) -> tuple[int, int]:
-    """The compute capability the kernels compile for: ``t``'s GPU; (9, 0) for CPU tensors (dry runs, interpreter)."""
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (9, 0)
-
-
 class Launch(NamedTuple):
     """One kernel launch as ``backend.dry_run()`` records it: what Triton would compile."""
 
     kernel: object  # the @triton.jit function, or its autotuner (``kernel.fn`` the function)
+    grid: Callable | tuple  # of the config's constexprs, or fixed
     args: tuple  # positional arguments (tensors, sizes, strides, scalars)
     constexprs: dict  # the launch's keyword constexprs
     config: triton.Config  # the heuristic config
@@ -76,7 +72,7 @@ def launch(kernel, grid: Callable | tuple, args: tuple, constexprs: dict, config
     ``backend.dry_run()``."""
     recorded = backend.dry_run_launches()
     if recorded is not None:
-        recorded.append(Launch(kernel, args, constexprs, config))
+        recorded.append(Launch(kernel, grid, args, constexprs, config))
         return
     options = constexprs | configs.COMPILE_OPTIONS
     tuned = isinstance(kernel, triton.runtime.Autotuner)
