@@ -35,7 +35,8 @@ FULL = [
 
 
 def _record(dtype: str, precision: str, P: int, mask: str, gemm: bool) -> list:
-    """The launches of MSSA and (with ``gemm``) ISTA and overcomplete ISTA, forward and backward, at one case."""
+    """The launches of MSSA and (with ``gemm``) ISTA and overcomplete ISTA, forward and backward, at one case;
+    16-bit cases run the ISTA ops on an fp32 x too."""
     from crate_kernels import backend
 
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
@@ -48,9 +49,10 @@ def _record(dtype: str, precision: str, P: int, mask: str, gemm: bool) -> list:
     wide = torch.randn(D, 4 * D, dtype=t, requires_grad=True)
     with backend.dry_run() as launches:
         crate_kernels.mssa(w, attn_mask=keep, is_causal=mask != "none").sum().backward()
-        if gemm:
-            crate_kernels.ista(x, dictionary).sum().backward()
-            crate_kernels.ista_overcomplete(x, wide, residual=x).sum().backward()
+        for x_in in (x, x.detach().float().requires_grad_()) if gemm and t != torch.float32 else (x,) * gemm:
+            # an fp32 x with a 16-bit dictionary: autocast's mix, fp32 tiles rounded for the dot
+            crate_kernels.ista(x_in, dictionary).sum().backward()
+            crate_kernels.ista_overcomplete(x_in, wide, residual=x_in).sum().backward()
     torch.set_float32_matmul_precision("highest")
     return launches
 

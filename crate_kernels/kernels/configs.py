@@ -17,7 +17,6 @@ tails) swap an autotuned kernel's ``configs`` list.
 import itertools
 import os
 
-import torch
 import triton
 
 # Compile options every launch passes explicitly (Triton ≥ 3.7 warns when fp fusion is left to its default).
@@ -45,31 +44,31 @@ def autotuning() -> bool:
     return os.environ.get("CRATE_KERNELS_AUTOTUNE", "0") == "1"
 
 
-def _dot_kind(dtype: torch.dtype, precision: str) -> str:
-    """What the dots run on: "tensor" (fp16/bf16, or fp32 as TF32) or "ieee" (exact fp32: CUDA-core FMAs)."""
-    return "ieee" if dtype == torch.float32 and precision == "ieee" else "tensor"
+def _ieee(element_size: int, precision: str) -> bool:
+    """Exact fp32 dots: CUDA-core FMAs, no tensor cores (fp16/bf16, and fp32 as TF32, take tensor cores)."""
+    return element_size == 4 and precision == "ieee"
 
 
-def mssa_fwd_config(dtype: torch.dtype, P: int, has_mask: bool, precision: str) -> triton.Config:
+def mssa_fwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
     """The MSSA forward's tile: BLOCK_M query rows × BLOCK_N key rows per step, the largest that compiled for sm_90
     without spills (docs/design.md, 'Kernel configurations'): 128 × 64 (two warpgroups of 64 query rows) for heads
     up to 64 wide on tensor cores; 64 × 32 where a 128-wide head (its fp32 accumulator), a mask tile (its pointers)
     or IEEE fp32 (dots as FMAs, no tensor cores) takes the registers. 8 warps either way."""
     p_pad = max(16, triton.next_power_of_2(P))
-    if _dot_kind(dtype, precision) == "ieee" or has_mask or p_pad > 64:
+    if _ieee(element_size, precision) or has_mask or p_pad > 64:
         return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
-def mssa_bwd_config(dtype: torch.dtype, P: int, has_mask: bool, precision: str) -> triton.Config:
+def mssa_bwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
     """The MSSA backward's tile: BLOCK_M owned dW rows × BLOCK_N rows streamed. It holds two fp32 accumulators and
     two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills, 32 × 32 with a mask tile
     or an fp32 128-wide head, 32 × 16 or 16 × 32 for both (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots
     as FMAs) takes 8 warps: 32 × 32 for a head up to 64 wide without a mask, else 16 × 16."""
     p_pad = max(16, triton.next_power_of_2(P))
-    wide = dtype == torch.float32
+    wide = element_size == 4
     warps = 4
-    if _dot_kind(dtype, precision) == "ieee":
+    if _ieee(element_size, precision):
         (block_m, block_n), warps = ((32, 32) if p_pad <= 64 and not has_mask else (16, 16)), 8
     elif not has_mask and (p_pad <= 64 or not wide):
         block_m, block_n = 64, 32
@@ -80,12 +79,13 @@ def mssa_bwd_config(dtype: torch.dtype, P: int, has_mask: bool, precision: str) 
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
 
 
-def gemm_config(dtype: torch.dtype) -> triton.Config:
-    """The ISTA GEMM's tile: 128 × 128 outputs on 8 warps, 3 stages, K steps of 64 for 16-bit operands and 32 for
-    fp32 (the same 96–128 KB of shared memory: within sm_80's 163 KB and Hopper's 227 KB). Compiled for sm_90 every
+def gemm_config(element_size: int) -> triton.Config:
+    """The ISTA GEMM's tile: 128 × 128 outputs on 8 warps, 3 stages, K steps of 64 for 16-bit operands and 32 where
+    an operand is fp32 (``element_size`` of the widest; the same 96–128 KB of shared memory: within sm_80's 163 KB
+    and Hopper's 227 KB). Compiled for sm_90 every
     variant the ISTA ops launch (epilogue, gates, split-K) stays without spills (docs/design.md, 'Kernel
     configurations')."""
-    block_k = 32 if dtype == torch.float32 else 64
+    block_k = 32 if element_size == 4 else 64
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=8, num_stages=3)
 
 

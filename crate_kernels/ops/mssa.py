@@ -141,7 +141,7 @@ def mssa_fwd(
 
 def _config(heuristic, w: torch.Tensor, meta: dict) -> triton.Config:
     """The heuristic tile of ``w``'s launch (``mssa_fwd_config`` or ``mssa_bwd_config``)."""
-    return heuristic(w.dtype, w.shape[-1], meta["HAS_MASK"], meta["DOT_PRECISION"])
+    return heuristic(w.element_size(), w.shape[-1], meta["HAS_MASK"], meta["DOT_PRECISION"])
 
 
 def mssa_bwd(
