@@ -91,13 +91,19 @@ def _rows(which: str) -> list[dict]:
     return _ROWS[which]
 
 
+# IEEE fp32 dots run as FMAs and ptxas spills a little at every tile tried (docs/design.md, 'Kernel configurations'):
+# their gate is no cliff (the autotune list's 64 × 64 tiles took 6.7–12.7 KB of stack), not zero.
+IEEE_FP32_MAX_STACK = 1024
+
+
 def _assert_fit(rows: list[dict], kernels: tuple[str, ...]) -> None:
     rows = [r for r in rows if r["kernel"] in kernels]
     assert rows, f"no launch of {kernels}"
     bad = []
     for r in rows:
         p = r["profile"]
-        if not (p["spill_bytes"] == 0 and p["stack_bytes"] == 0 and p["shared_bytes"] <= 232448):
+        stack = IEEE_FP32_MAX_STACK if r["case"][:2] == ["fp32", "ieee"] else 0
+        if not (p["spill_bytes"] <= stack and p["stack_bytes"] <= stack and p["shared_bytes"] <= 232448):
             bad.append(f"{r['kernel']} {r['case']} {r['config']}: {p}")
     assert not bad, "\n".join(bad)
 
@@ -147,3 +153,16 @@ def test_autotune_keys_separate_what_compiles_differently():
     assert {"DOT_DTYPE", "DOT_PRECISION"} <= set(_ista_gemm_kernel.keys)
     for kernel in (_ista_gemm_kernel, _mssa_fwd_kernel, _mssa_bwd_kernel):
         assert kernel.cache_results
+
+
+def test_compile_report_records_every_kernel_of_a_training_step():
+    """The report's launch list comes from a dry run of the step: every kernel family, each launch with its
+    heuristic config, and nothing launched (the outputs are never written)."""
+    from benchmarks.compile_report import _name, record_step
+
+    launches = record_step("crate_tiny_patch16_224", torch.bfloat16, batch=1)
+    names = {_name(launch.kernel) for launch in launches}
+    assert names == {"_mssa_fwd_kernel", "_mssa_bwd_delta_kernel", "_mssa_bwd_kernel", "_ista_gemm_kernel"}
+    depth = crate_kernels.create_model("crate_tiny_patch16_224").config["depth"]
+    assert sum(_name(launch.kernel) == "_mssa_fwd_kernel" for launch in launches) == depth
+    assert all(launch.config.num_warps in (4, 8) for launch in launches)

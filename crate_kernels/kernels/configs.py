@@ -50,43 +50,46 @@ def _ieee(element_size: int, precision: str) -> bool:
 
 
 def mssa_fwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
-    """The MSSA forward's tile: BLOCK_M query rows × BLOCK_N key rows per step, the largest that compiled for sm_90
-    without spills (docs/design.md, 'Kernel configurations'): 128 × 64 (two warpgroups of 64 query rows) for heads
-    up to 64 wide on tensor cores; 64 × 32 where a 128-wide head (its fp32 accumulator), a mask tile (its pointers)
-    or IEEE fp32 (dots as FMAs, no tensor cores) takes the registers. 8 warps either way."""
+    """The MSSA forward's tile: BLOCK_M query rows × BLOCK_N key rows per step, on 8 warps, the largest that compiled
+    for sm_90 without spills (docs/design.md, 'Kernel configurations'): 128 × 64 (two warpgroups of 64 query rows)
+    for heads up to 64 wide; 64 × 32 where a 128-wide head (its fp32 accumulator) or a mask tile (its pointers) takes
+    the registers; 32 × 32 for IEEE fp32 (dots as FMAs, no tensor cores)."""
     p_pad = max(16, triton.next_power_of_2(P))
-    if _ieee(element_size, precision) or has_mask or p_pad > 64:
+    if _ieee(element_size, precision):
+        return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)
+    if has_mask or p_pad > 64:
         return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
 def mssa_bwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
     """The MSSA backward's tile: BLOCK_M owned dW rows × BLOCK_N rows streamed. It holds two fp32 accumulators and
-    two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills, 32 × 32 with a mask tile
-    or an fp32 128-wide head, 32 × 16 or 16 × 32 for both (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots
-    as FMAs) takes 8 warps: 32 × 32 for a head up to 64 wide without a mask, else 16 × 16."""
+    two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills (heads up to 64 wide),
+    32 × 32 for a 128-wide head or a 16-bit mask tile, 16 × 32 for an fp32 mask tile, 32 × 16 for a 16-bit mask at
+    P = 128 (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots as FMAs) takes 8 warps: 32 × 32 for an
+    unmasked head up to 64 wide, else 16 × 16."""
     p_pad = max(16, triton.next_power_of_2(P))
-    wide = element_size == 4
     warps = 4
     if _ieee(element_size, precision):
         (block_m, block_n), warps = ((32, 32) if p_pad <= 64 and not has_mask else (16, 16)), 8
-    elif not has_mask and (p_pad <= 64 or not wide):
-        block_m, block_n = 64, 32
-    elif not has_mask or p_pad <= 64:
-        block_m, block_n = 32, 32
+    elif has_mask:
+        block_m, block_n = (16, 32) if element_size == 4 else (32, 32) if p_pad <= 64 else (32, 16)
     else:
-        block_m, block_n = (16, 32) if wide else (32, 16)
+        block_m, block_n = (32, 32) if p_pad > 64 else (64, 32)
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
 
 
-def gemm_config(element_size: int) -> triton.Config:
+def gemm_config(element_size: int, dot_element_size: int, precision: str) -> triton.Config:
     """The ISTA GEMM's tile: 128 × 128 outputs on 8 warps, 3 stages, K steps of 64 for 16-bit operands and 32 where
     an operand is fp32 (``element_size`` of the widest; the same 96–128 KB of shared memory: within sm_80's 163 KB
-    and Hopper's 227 KB). Compiled for sm_90 every
-    variant the ISTA ops launch (epilogue, gates, split-K) stays without spills (docs/design.md, 'Kernel
-    configurations')."""
+    and Hopper's 227 KB); 128 × 64 for IEEE fp32 dots (FMAs: ``dot_element_size`` 4, ``precision`` "ieee").
+    Compiled for sm_90, every variant the ISTA ops launch (epilogue, gates, split-K) stays without spills
+    (docs/design.md, 'Kernel configurations')."""
+    block_n = 64 if _ieee(dot_element_size, precision) else 128
     block_k = 32 if element_size == 4 else 64
-    return triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    return triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=8, num_stages=3
+    )
 
 
 def attention_configs() -> list[triton.Config]:

@@ -93,7 +93,8 @@ def _launch(
         "UPCAST": interpreter_upcast(dot_dtype, (torch.float16, torch.bfloat16)),
         "DOT_PRECISION": dot_precision(a_t),
     }
-    config = gemm_config(max(a_t.element_size(), b_t.element_size()))  # the widest operand tiles in shared memory
+    widest = max(a_t.element_size(), b_t.element_size())  # of the operand tiles in shared memory
+    config = gemm_config(widest, dot_dtype.itemsize, constexprs["DOT_PRECISION"])
     with on_device(c):
         launch(_ista_gemm_kernel, grid, args, constexprs, config)
 
