@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print("compile_report: unset TRITON_INTERPRET (the interpreter never compiles)", file=sys.stderr)
         return 2
     data = report(args.model, args.dtype, args.target, args.autotune, args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
     suffix = "_autotune" if args.autotune else ""
     write_text(args.out / f"compile_report{suffix}.json", json.dumps(data, indent=1) + "\n")
     write_text(args.out / f"compile_report{suffix}.md", _markdown(data))
