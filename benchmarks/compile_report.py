@@ -7,10 +7,11 @@ One training step (forward under autocast to ``--dtype``, then backward) runs on
 the launchers choose their kernels, constexprs and heuristic configs exactly as on a GPU and record them instead of
 launching. Each distinct specialisation is then compiled for ``--target`` with Triton's own ptxas on a cold cache
 (``benchmarks/compiled.py``); with ``--autotune``, every config the autotuner would try for it (its pruned search).
-Writes ``compile_report.md`` and ``compile_report.json`` = ``{"kernels": [{"kernel", "constexprs", "config",
-"compile_s", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "occupancy", "tensor_core_ops"}],
-"total_compile_s", ...}``: the cold-start compile seconds of the step (Triton compiles on the launching thread, one
-kernel after another). docs/design.md, 'Kernel configurations'.
+Writes ``compile_report.md`` and ``compile_report.json`` = ``{"kernels": [{"kernel", "pointers", "constexprs",
+"config", "compile_s", "registers", "spill_bytes", "stack_bytes", "shared_bytes", "occupancy", "tensor_core_ops"}],
+"total_compile_s", ...}`` (``_autotune`` in the names with ``--autotune``; ``occupancy``: resident blocks per SM).
+``total_compile_s``: the cold-start compile seconds of the step (Triton compiles on the launching thread, one kernel
+after another). docs/design.md, 'Kernel configurations'.
 """
 
 import argparse
@@ -35,14 +36,18 @@ def _step_inputs(model: torch.nn.Module, batch: int) -> torch.Tensor:
     return torch.randn(batch, config.get("channels", 3), size, size)
 
 
-def record_step(preset: str, dtype: torch.dtype, batch: int) -> list:
-    """The launches (``crate_kernels.ops.launch.Launch``) of one training step of ``preset``, on CPU."""
+def record_step(preset: str, dtype: torch.dtype, batch: int, target: str = "sm_90") -> list:
+    """The launches (``crate_kernels.ops.launch.Launch``) of one training step of ``preset`` on a GPU of ``target``,
+    recorded on CPU."""
     from crate_kernels import backend, create_model
 
     torch.manual_seed(0)
     model = create_model(preset)
     inputs = _step_inputs(model, batch)
-    with backend.dry_run() as launches:
+    from benchmarks.compiled import arch
+
+    capability = divmod(arch(target), 10)
+    with backend.dry_run(capability) as launches:
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             out = model(inputs)
         out.float().sum().backward()
@@ -78,17 +83,18 @@ def report(preset: str, dtype: str, target: str, autotune: bool, batch: int) -> 
     from benchmarks.compiled import profile_launch, specialisation
 
     torch.set_float32_matmul_precision("highest")  # PyTorch's default: IEEE fp32 dots
-    launches = record_step(preset, DTYPES[dtype], batch)
+    launches = record_step(preset, DTYPES[dtype], batch, target)
     unique = {}
     for launch in launches:
         unique.setdefault(_key(launch), launch)
     rows = []
     for launch in unique.values():
-        constexprs = {k: str(v) for k, v in specialisation(launch)[1].items()}
+        types, constexprs, _ = specialisation(launch)
+        row = {"kernel": _name(launch.kernel), "constexprs": {k: str(v) for k, v in constexprs.items()}}
+        row["pointers"] = {k: v for k, v in types.items() if v.startswith("*")}
         for config in search_configs(launch) if autotune else [launch.config]:
             profile = profile_launch(launch, config, target, cold=True)
-            rows.append({"kernel": _name(launch.kernel), "constexprs": constexprs, "config": _config_json(config)})
-            rows[-1] |= profile._asdict()
+            rows.append(row | {"config": _config_json(config)} | profile._asdict())
     return {
         "model": preset,
         "dtype": dtype,
@@ -114,16 +120,19 @@ def _markdown(data: dict) -> str:
         f"{len(data['kernels'])} distinct compiles take **{data['total_compile_s']:.1f} s** cold "
         f"(Triton {data['triton']}, torch {data['torch']}, {data['machine']}, {data['date']}; CPU only).",
         "",
-        "| kernel | constexprs | config | compile s | registers | spill B | stack B | shared B | blocks/SM | dots |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| kernel | pointers | constexprs | config | compile s | registers | spill B | stack B | shared B | blocks/SM "
+        "| dots |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     skip = {"UPCAST"}
     for r in data["kernels"]:
         constexprs = ", ".join(f"{k}={v}" for k, v in r["constexprs"].items() if k not in skip and "stride" not in k)
         config = " ".join(f"{k}={v}" for k, v in r["config"].items())
         usage = " | ".join(str(r[k]) for k in ("registers", "spill_bytes", "stack_bytes", "shared_bytes", "occupancy"))
+        pointers = " ".join(v.lstrip("*") for v in r["pointers"].values())
         lines.append(
-            f"| {r['kernel']} | {constexprs} | {config} | {r['compile_s']:.2f} | {usage} | {r['tensor_core_ops']} |"
+            f"| {r['kernel']} | {pointers} | {constexprs} | {config} | {r['compile_s']:.2f} | {usage} "
+            f"| {r['tensor_core_ops']} |"
         )
     return "\n".join(lines) + "\n"
 

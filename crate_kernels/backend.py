@@ -29,6 +29,7 @@ _warned: set[str] = set()
 # op name -> function(*args, **kwargs) -> list of reasons its Triton kernel cannot take those inputs
 _kernel_limits: dict[str, Callable[..., list[str]]] = {}
 _dry_run: list | None = None  # the launches recorded by ops/launch.py inside dry_run()
+_dry_run_capability = (9, 0)  # the compute capability a dry run stands for
 
 
 def set_backend(name: str) -> None:
@@ -47,20 +48,27 @@ def interpreting() -> bool:
 
 
 @contextlib.contextmanager
-def dry_run():
+def dry_run(capability: tuple[int, int] = (9, 0)):
     """Inside: ops take the Triton kernels for CPU tensors too and every launcher appends its launch
-    (``ops.launch.Launch``) to the yielded list instead of running it (benchmarks/compile_report.py)."""
-    global _dry_run
-    saved, _dry_run = _dry_run, []
+    (``ops.launch.Launch``) to the yielded list instead of running it, choosing configs for a GPU of this compute
+    capability (benchmarks/compile_report.py)."""
+    global _dry_run, _dry_run_capability
+    saved, _dry_run = (_dry_run, _dry_run_capability), []
+    _dry_run_capability = capability
     try:
         yield _dry_run
     finally:
-        _dry_run = saved
+        _dry_run, _dry_run_capability = saved
 
 
 def dry_run_launches() -> list | None:
     """The list ``dry_run()`` records into; None outside it."""
     return _dry_run
+
+
+def dry_run_capability() -> tuple[int, int]:
+    """The compute capability the current (or a next) dry run stands for."""
+    return _dry_run_capability
 
 
 def register_kernel_limits(op: str, limits: Callable[..., list[str]]) -> None:

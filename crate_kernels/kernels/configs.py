@@ -62,9 +62,12 @@ def mssa_fwd_config(element_size: int, P: int, has_mask: bool, precision: str) -
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
 
-def mssa_bwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
+def mssa_bwd_config(
+    capability: tuple[int, int], element_size: int, P: int, has_mask: bool, precision: str
+) -> triton.Config:
     """The MSSA backward's tile: BLOCK_M owned dW rows × BLOCK_N rows streamed. It holds two fp32 accumulators and
-    two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills (heads up to 64 wide),
+    two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills (heads up to 64 wide; 8
+    warps before Hopper, whose mma.sync keeps the accumulators in registers where wgmma's warpgroups share them),
     32 × 32 for a 128-wide head or a 16-bit mask tile, 16 × 32 for an fp32 mask tile, 32 × 16 for a 16-bit mask at
     P = 128 (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots as FMAs) takes 8 warps: 32 × 32 for an
     unmasked head up to 64 wide, else 16 × 16."""
@@ -76,6 +79,7 @@ def mssa_bwd_config(element_size: int, P: int, has_mask: bool, precision: str) -
         block_m, block_n = (16, 32) if element_size == 4 else (32, 32) if p_pad <= 64 else (32, 16)
     else:
         block_m, block_n = (32, 32) if p_pad > 64 else (64, 32)
+        warps = 8 if capability < (9, 0) and block_m == 64 else 4
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
 
 

@@ -56,6 +56,11 @@ def interpreter_upcast(t: torch.Tensor | torch.dtype, dtypes: tuple[torch.dtype,
     return backend.interpreting() and dtype in dtypes
 
 
+def capability(t: torch.Tensor) -> tuple[int, int]:
+    """The compute capability the kernels compile for: ``t``'s GPU, or the one a dry run stands for."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else backend.dry_run_capability()
+
+
 class Launch(NamedTuple):
     """One kernel launch as ``backend.dry_run()`` records it: what Triton would compile."""
 

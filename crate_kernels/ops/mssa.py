@@ -21,6 +21,7 @@ from crate_kernels.kernels.configs import mssa_bwd_config, mssa_fwd_config
 from crate_kernels.kernels.mssa import _mssa_bwd_delta_kernel, _mssa_bwd_kernel, _mssa_fwd_kernel
 from crate_kernels.ops import autocast
 from crate_kernels.ops.launch import (
+    capability,
     dot_precision,
     dtype_limits,
     interpreter_upcast,
@@ -133,15 +134,10 @@ def mssa_fwd(
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
     args = (w, out, lse, mask, *w.stride(), *out.stride(), *mask_strides, H, N, P, scale)
-    config = _config(mssa_fwd_config, w, meta)
+    config = mssa_fwd_config(w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
     with on_device(w):
         launch(_mssa_fwd_kernel, grid, args, {"IS_CAUSAL": is_causal, **meta}, config)
     return MSSAForward(out, lse)
-
-
-def _config(heuristic, w: torch.Tensor, meta: dict) -> triton.Config:
-    """The heuristic tile of ``w``'s launch (``mssa_fwd_config`` or ``mssa_bwd_config``)."""
-    return heuristic(w.element_size(), w.shape[-1], meta["HAS_MASK"], meta["DOT_PRECISION"])
 
 
 def mssa_bwd(
@@ -183,7 +179,7 @@ def mssa_bwd(
         launch(_mssa_bwd_delta_kernel, grid, args, {"P_PAD": meta["P_PAD"]}, triton.Config({"BLOCK_M": _DELTA_BLOCK_M}))
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
         args = (w, grad_out, lse, delta, dw, mask, *w.stride(), *grad_out.stride(), *dw.stride(), *mask_strides)
-        config = _config(mssa_bwd_config, w, meta)
+        config = mssa_bwd_config(capability(w), w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
         launch(_mssa_bwd_kernel, grid, (*args, H, N, P, scale), {"IS_CAUSAL": is_causal, **meta}, config)
     return dw
 
