@@ -37,13 +37,9 @@ class Profile(NamedTuple):
     occupancy: int  # resident blocks per SM (registers, shared memory, threads)
     tensor_core_ops: str  # "wgmma", "tcgen05", "mma" or "none": what the dots lower to
 
-    def fits(self, target: str = "sm_90") -> bool:
-        """No spill, no stack frame, within the target's shared memory."""
-        return self.spill_bytes == 0 and self.stack_bytes == 0 and self.shared_bytes <= TARGETS[target][0]
-
 
 def arch(target: str) -> int:
-    """ "sm_90" → 90."""
+    """The architecture number of a target name: sm_90 → 90."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     return int(target.removeprefix("sm_"))
@@ -145,7 +141,7 @@ def _profile(kernel, types, constexprs, config, target, cold, divisible) -> Prof
     out = io.StringIO()
     with contextlib.ExitStack() as stack:
         if cold:
-            stack.enter_context(_cache_dir(stack.enter_context(tempfile.TemporaryDirectory())))
+            stack.enter_context(_env("TRITON_CACHE_DIR", stack.enter_context(tempfile.TemporaryDirectory())))
         stack.enter_context(_env("TRITON_DUMP_PTXAS_LOG", "1"))
         stack.enter_context(contextlib.redirect_stdout(out))
         compiled, seconds = compile_kernel(kernel, types, constexprs | config.kwargs, options, target, divisible)
@@ -205,7 +201,3 @@ def _env(name: str, value: str):
             del os.environ[name]
         else:
             os.environ[name] = saved
-
-
-def _cache_dir(path: str) -> contextlib.AbstractContextManager:
-    return _env("TRITON_CACHE_DIR", path)
