@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ def _tuned(launch) -> triton.Config:
     return launch.kernel.best_config
 
 
-def measure(preset: str, dtype: str, batch: int, deadline: float) -> list[dict]:
+def measure(preset: str, dtype: str, batch: int, deadline: float) -> Iterator[dict]:
+    """One row per distinct autotune key of the step, as it is measured."""
     from benchmarks.compile_report import DTYPES, _config_json, _name, _step_inputs
     from crate_kernels import backend, create_model
 
@@ -49,7 +51,7 @@ def measure(preset: str, dtype: str, batch: int, deadline: float) -> list[dict]:
         with torch.autocast("cuda", dtype=DTYPES[dtype], enabled=dtype != "fp32"):
             out = model(inputs)
         out.float().sum().backward()
-    rows, seen = [], set()
+    seen = set()
     for launch in launches:
         if not isinstance(launch.kernel, triton.runtime.Autotuner):
             continue
@@ -61,12 +63,11 @@ def measure(preset: str, dtype: str, batch: int, deadline: float) -> list[dict]:
         seen.add(key)
         row = {"kernel": key[0], "key": list(key[1:]), "heuristic": _config_json(launch.config)}
         if time.time() > deadline:
-            rows.append(row | {"not_measured": "the run's deadline"})
+            yield row | {"not_measured": "the run's deadline"}
             continue
         tuned = _tuned(launch)
         heuristic_ms, tuned_ms = _time(launch, launch.config), _time(launch, tuned)
-        rows.append(row | {"tuned": _config_json(tuned), "heuristic_ms": heuristic_ms, "tuned_ms": tuned_ms})
-    return rows
+        yield row | {"tuned": _config_json(tuned), "heuristic_ms": heuristic_ms, "tuned_ms": tuned_ms}
 
 
 def _markdown(preset: str, dtype: str, rows: list[dict]) -> str:
@@ -103,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("tune_gap: needs a CUDA device", file=sys.stderr)
         return 2
-    rows = measure(args.model, args.dtype, args.batch, args.deadline)
-    text = _markdown(args.model, args.dtype, rows)
-    write_text(args.out / "tune_gap.json", json.dumps({"model": args.model, "dtype": args.dtype, "rows": rows}))
-    write_text(args.out / "tune_gap.md", text)
-    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for row in measure(args.model, args.dtype, args.batch, args.deadline):  # written after each row: a stage cut
+        rows.append(row)  # off at its time limit keeps what it measured
+        write_text(args.out / "tune_gap.json", json.dumps({"model": args.model, "dtype": args.dtype, "rows": rows}))
+        write_text(args.out / "tune_gap.md", _markdown(args.model, args.dtype, rows))
+    print(_markdown(args.model, args.dtype, rows))
     return 0
 
 
