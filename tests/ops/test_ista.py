@@ -277,7 +277,6 @@ def _gemm_configs_for_gpu(monkeypatch) -> list:
     from crate_kernels.kernels.configs import gemm_configs
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
     return gemm_configs()
 
 
@@ -321,10 +320,7 @@ def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
 def test_ista_pruned_configs_fit_hopper():
     """A few minutes of compiling (fp32 in tf32 only, for time; the ieee sizes measured are within 7 % of tf32)."""
     pytest.importorskip("triton.backends.nvidia")
-    run_without_interpreter(
-        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
-        "from tests.ops.test_ista import _shared_memory_of_kept_configs as c; c('fp32', 'tf32')"
-    )
+    run_without_interpreter("from tests.ops.test_ista import _shared_memory_of_kept_configs as c; c('fp32', 'tf32')")
 
 
 @pytest.mark.gpu

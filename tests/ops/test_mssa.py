@@ -425,7 +425,6 @@ def test_mssa_autotune_key_has_dot_precision():
 
 def _attention_configs_for_gpu(monkeypatch) -> list[triton.Config]:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
     return attention_configs()
 
 
@@ -463,7 +462,6 @@ def test_mssa_pruned_backward_configs_fit_hopper():
     """About a minute of compiling (tf32 only: each ieee backward compile takes 30–150 s)."""
     pytest.importorskip("triton.backends.nvidia")
     run_without_interpreter(
-        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
         "from tests.ops.test_mssa import _shared_memory_of_kept_configs as c; c('fp32', 'tf32', 197, 128)"
     )
 
