@@ -85,8 +85,8 @@ def mssa_bwd_config(
 
 def gemm_config(element_size: int, dot_element_size: int, precision: str) -> triton.Config:
     """The ISTA GEMM's tile: 128 × 128 outputs on 8 warps, 3 stages, K steps of 64 for 16-bit operands and 32 where
-    an operand is fp32 (``element_size`` of the widest; the same 96–128 KB of shared memory: within sm_80's 163 KB
-    and Hopper's 227 KB); 128 × 64 for IEEE fp32 dots (FMAs: ``dot_element_size`` 4, ``precision`` "ieee").
+    an operand is fp32 (``element_size`` of the widest; at most 128 KB of shared memory: within sm_80's 163 KB and
+    Hopper's 227 KB); 128 × 64 for IEEE fp32 dots (FMAs: ``dot_element_size`` 4, ``precision`` "ieee").
     Compiled for sm_90, every variant the ISTA ops launch (epilogue, gates, split-K) stays without spills
     (docs/design.md, 'Kernel configurations')."""
     block_n = 64 if _ieee(dot_element_size, precision) else 128
