@@ -49,15 +49,19 @@ def _ieee(element_size: int, precision: str) -> bool:
     return element_size == 4 and precision == "ieee"
 
 
-def mssa_fwd_config(element_size: int, P: int, has_mask: bool, precision: str) -> triton.Config:
+def mssa_fwd_config(
+    capability: tuple[int, int], element_size: int, P: int, has_mask: bool, precision: str
+) -> triton.Config:
     """The MSSA forward's tile: BLOCK_M query rows × BLOCK_N key rows per step, on 8 warps, the largest that compiled
-    for sm_90 without spills (docs/design.md, 'Kernel configurations'): 128 × 64 (two warpgroups of 64 query rows)
-    for heads up to 64 wide; 64 × 32 where a 128-wide head (its fp32 accumulator) or a mask tile (its pointers) takes
-    the registers; 32 × 32 for IEEE fp32 (dots as FMAs, no tensor cores)."""
+    without spills (docs/design.md, 'Kernel configurations'): 128 × 64 (two warpgroups of 64 query rows) for heads
+    up to 64 wide; 64 × 32 where a 128-wide head (its fp32 accumulator) or a mask tile (its pointers) takes the
+    registers; 32 × 32 for IEEE fp32 (dots as FMAs, no tensor cores). On sm_100 fp32 operands take the next smaller
+    tile (128 × 64 and a masked 64 × 32 spilled there)."""
     p_pad = max(16, triton.next_power_of_2(P))
-    if _ieee(element_size, precision):
+    blackwell_fp32 = capability >= (10, 0) and element_size == 4
+    if _ieee(element_size, precision) or (blackwell_fp32 and has_mask):
         return triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=2)
-    if has_mask or p_pad > 64:
+    if has_mask or p_pad > 64 or blackwell_fp32:
         return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)
     return triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2)
 
@@ -76,21 +80,22 @@ def mssa_bwd_config(
     if _ieee(element_size, precision):
         (block_m, block_n), warps = ((32, 32) if p_pad <= 64 and not has_mask else (16, 16)), 8
     elif has_mask:
-        block_m, block_n = (16, 32) if element_size == 4 else (32, 32) if p_pad <= 64 else (32, 16)
+        small = p_pad > 64 or capability >= (10, 0)  # sm_100 spilled 16 B at 32 × 32 (P = 32)
+        block_m, block_n = (16, 32) if element_size == 4 else (32, 16) if small else (32, 32)
     else:
         block_m, block_n = (32, 32) if p_pad > 64 else (64, 32)
         warps = 8 if capability < (9, 0) and block_m == 64 else 4
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=2)
 
 
-def gemm_config(element_size: int, dot_element_size: int, precision: str) -> triton.Config:
+def gemm_config(capability: tuple[int, int], element_size: int, dot_element_size: int, precision: str) -> triton.Config:
     """The ISTA GEMM's tile: 128 × 128 outputs on 8 warps, 3 stages, K steps of 64 for 16-bit operands and 32 where
     an operand is fp32 (``element_size`` of the widest; at most 128 KB of shared memory: within sm_80's 163 KB and
     Hopper's 227 KB); 128 × 64 for IEEE fp32 dots (FMAs: ``dot_element_size`` 4, ``precision`` "ieee").
     Compiled for sm_90, every variant the ISTA ops launch (epilogue, gates, split-K) stays without spills
     (docs/design.md, 'Kernel configurations')."""
     block_n = 64 if _ieee(dot_element_size, precision) else 128
-    block_k = 32 if element_size == 4 else 64
+    block_k = 32 if element_size == 4 or capability < (9, 0) else 64
     return triton.Config(
         {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=8, num_stages=3
     )

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from crate_kernels.kernels.configs import gemm_config
 from crate_kernels.kernels.ista import _ista_gemm_kernel
-from crate_kernels.ops.launch import dot_precision, interpreter_upcast, launch, on_device
+from crate_kernels.ops.launch import capability, dot_precision, interpreter_upcast, launch, on_device
 
 
 class Gated(NamedTuple):
@@ -94,7 +94,7 @@ def _launch(
         "DOT_PRECISION": dot_precision(a_t),
     }
     widest = max(a_t.element_size(), b_t.element_size())  # of the operand tiles in shared memory
-    config = gemm_config(widest, dot_dtype.itemsize, constexprs["DOT_PRECISION"])
+    config = gemm_config(capability(c), widest, dot_dtype.itemsize, constexprs["DOT_PRECISION"])
     with on_device(c):
         launch(_ista_gemm_kernel, grid, args, constexprs, config)
 

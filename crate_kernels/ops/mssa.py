@@ -134,7 +134,7 @@ def mssa_fwd(
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
     args = (w, out, lse, mask, *w.stride(), *out.stride(), *mask_strides, H, N, P, scale)
-    config = mssa_fwd_config(w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
+    config = mssa_fwd_config(capability(w), w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
     with on_device(w):
         launch(_mssa_fwd_kernel, grid, args, {"IS_CAUSAL": is_causal, **meta}, config)
     return MSSAForward(out, lse)
