@@ -4,9 +4,10 @@
 Heuristic by default: a launch compiles one kernel and benchmarks nothing. ``CRATE_KERNELS_AUTOTUNE=1`` or
 ``crate_kernels.set_autotune(True)`` launches through the ``@triton.autotune`` decorators instead, over the configs
 below, pruned per shape; their results persist in Triton's cache directory (``cache_results``), so a second process
-re-tunes nothing. Each heuristic is a pure function of (element size, head width P, mask, fp32 matmul precision),
-chosen from the compiled kernels' resource usage (``benchmarks/compiled.py``): no register spill, no stack frame
-(IEEE fp32 aside), shared memory within sm_80's, sm_90's and sm_100's; tests/test_configs.py gates that for sm_90.
+re-tunes nothing. Each heuristic is a pure function of (compute capability, element size, head width P, mask, fp32
+matmul precision), chosen from the compiled kernels' resource usage (``benchmarks/compiled.py``): no register spill,
+no stack frame (IEEE fp32 aside), shared memory within sm_80's, sm_90's and sm_100's; tests/test_configs.py gates
+that (sm_90 by default, all three in its slow run).
 
 Under ``TRITON_INTERPRET=1`` every search list is ONE config and the launches go through it: the interpreter cannot
 benchmark (two or more configs fail with '0 active drivers'; docs/design.md, 'The Triton interpreter') and it costs
