@@ -95,8 +95,8 @@ def gemm_config(capability: tuple[int, int], element_size: int, dot_element_size
     Hopper's 227 KB); 128 × 64 for IEEE fp32 dots (FMAs: ``dot_element_size`` 4, ``precision`` "ieee").
     Compiled for sm_90, every variant the ISTA ops launch (epilogue, gates, split-K) stays without spills
     (docs/design.md, 'Kernel configurations')."""
-    block_n = 64 if _ieee(dot_element_size, precision) else 128
-    block_k = 32 if element_size == 4 or capability < (9, 0) else 64
+    block_n = 64 if _ieee(dot_element_size, precision) or capability < (9, 0) else 128
+    block_k = 32 if element_size == 4 else 64
     return triton.Config(
         {"BLOCK_M": 128, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=8, num_stages=3
     )
