@@ -93,6 +93,7 @@ class TaskConfig:
     mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
+    compare: str = ""  # classify: first train this registry model (vit_demo, ...) with the same recipe, as a baseline
 
 
 @dataclass(frozen=True)
