@@ -11,7 +11,7 @@ TEST_ENV := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 # Training uses every core (torch threads); PASSIVE lets a waiting OpenMP thread sleep instead of spinning, so that a
 # core taken by another process does not stall the others (5-10x slower steps on a busy 2-core machine without it).
 train: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m crate_kernels.train
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m crate_kernels.train --task.compare vit_demo
 
 test: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -n 2 --dist loadgroup -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -3,7 +3,8 @@
 # and environment': torch 2.11, triton 3.6, no pip installs, run from the checkout):
 #   1. print the GPU, driver, torch, triton and CUDA versions;
 #   2. the test suite on the GPU, Triton compiled for real (TRITON_INTERPRET unset), gpu-marked tests included;
-#   3. the kernel suites (benchmarks/bench_mssa.py, bench_ista*.py, when present);
+#   3. the kernel suites (benchmarks/bench_mssa.py, bench_ista*.py, when present), then each kernel of the CRATE-B/16
+#      bf16 training step timed with its heuristic config and with the autotuner's pick (benchmarks/tune_gap.py);
 #   4. the model suites (bench_model.py), most needed first: every layer shape and the CRATE-B/16 training step
 #      uncompiled, the torch.compile rows at CRATE-B/16 (compiling whole models costs minutes, so only the shape of
 #      the performance goals), the other presets' training steps, max-autotune last;
@@ -84,6 +85,9 @@ PY
     else
         echo "=== kernel suites: none in benchmarks/ yet"
     fi
+    # Heuristic vs autotuned configs, same process: what the default (no autotuning) leaves on the table.
+    run_stage "heuristic vs autotuned configs" 90 "$PYTHON" -m benchmarks.tune_gap --model crate_base_patch16_224 \
+        --dtype bf16 --batch 64 --deadline @DEADLINE@ --out "$RESULTS"
     # Model suites in the order of what the report's headline needs (the performance goals at CRATE-B/16): every layer shape
     # and the CRATE-B/16 steps uncompiled, then the torch.compile rows at CRATE-B/16, then the other presets' steps,
     # then max-autotune (minutes of autotuning) with whatever time is left.

@@ -2,6 +2,7 @@
 
 from crate_kernels import measure
 from crate_kernels.backend import get_backend, not_supported_reasons, set_backend
+from crate_kernels.kernels.configs import set_autotune
 from crate_kernels.models import CRATE, CRATELM, CRATEMAE, CRATEMLM, CRATEAlpha, ViT, create_model, list_models
 from crate_kernels.models.pretrained import from_pretrained, load_official, save_pretrained
 from crate_kernels.modules import ISTA, MSSA, OvercompleteISTA
@@ -33,5 +34,6 @@ __all__ = [
     "not_supported_reasons",
     "revert_crate_kernels",
     "save_pretrained",
+    "set_autotune",
     "set_backend",
 ]

@@ -117,15 +117,9 @@ def compile_for_hopper(
     where absent); ``constexprs`` fixes the rest. Needs real ``@triton.jit`` objects: call it in a process without
     TRITON_INTERPRET (see ``run_without_interpreter``). With ``shared_memory``, the bytes of shared memory instead.
     """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from benchmarks.compiled import compile_kernel
 
-    fn = getattr(kernel, "fn", kernel)  # through @triton.autotune
-    signature = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    source = ASTSource(fn, signature, {(fn.arg_names.index(n),): v for n, v in constexprs.items()})
-    options = {"num_warps": num_warps, "num_stages": num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    compiled, _ = compile_kernel(kernel, types, constexprs, {"num_warps": num_warps, "num_stages": num_stages})
     return compiled.metadata.shared if shared_memory else compiled.asm["ptx"]
 
 
@@ -144,9 +138,9 @@ def assert_configs_fit_hopper(
         assert shared <= HOPPER_MAX_SHARED, f"{what}{config}: {shared} B of shared memory"
 
 
-def run_without_interpreter(code: str) -> None:
-    """Run Python ``code`` from the repository root in a fresh process with TRITON_INTERPRET unset; fail with its
-    stderr."""
+def run_without_interpreter(code: str, timeout: float = 300) -> str:
+    """Run Python ``code`` from the repository root in a fresh process with TRITON_INTERPRET unset; its stdout, or
+    fail with its stderr."""
     import subprocess
     import sys
     from pathlib import Path
@@ -154,5 +148,6 @@ def run_without_interpreter(code: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     command = [sys.executable, "-c", code]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -106,6 +106,7 @@ _autotune_attention = triton.autotune(
     configs=attention_configs(),
     key=["N", "P", "IS_CAUSAL", "HAS_MASK", "DOT_PRECISION"],  # ieee vs tf32 changes which tiles fit
     prune_configs_by={"early_config_prune": prune_attention_configs},
+    cache_results=True,  # tuned once per machine: Triton's cache directory keeps the timings
 )
 
 

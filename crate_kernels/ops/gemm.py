@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from crate_kernels.kernels.configs import gemm_config
 from crate_kernels.kernels.ista import _ista_gemm_kernel
-from crate_kernels.ops.launch import dot_precision, interpreter_upcast, on_device
+from crate_kernels.ops.launch import capability, dot_precision, interpreter_upcast, launch, on_device
 
 
 class Gated(NamedTuple):
@@ -76,21 +77,26 @@ def _launch(
     k_per_split = triton.cdiv(K, splits)
     c_strides = c.stride() if c.dim() == 3 else (0, *c.stride())
     grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]), splits)  # noqa: E731
+    args = (
+        a_t, a_gate, b_t, b_gate, r_t, r_gate, c,
+        M, N, K, k_per_split, _bucket(M), _bucket(N), _bucket(k_per_split),
+        *a_strides, *a_gate_strides, *b_strides, *b_gate_strides, *r_strides, *r_gate_strides, *c_strides,
+        float(alpha), float(threshold),
+    )  # fmt: skip
+    constexprs = {
+        "A_GATED": isinstance(a, Gated),
+        "B_GATED": isinstance(b, Gated),
+        "HAS_RESIDUAL": residual is not None,
+        "R_GATED": isinstance(residual, Gated),
+        "RELU": relu,
+        "DOT_DTYPE": _TL_DTYPES[dot_dtype],
+        "UPCAST": interpreter_upcast(dot_dtype, (torch.float16, torch.bfloat16)),
+        "DOT_PRECISION": dot_precision(a_t),
+    }
+    widest = max(a_t.element_size(), b_t.element_size())  # of the operand tiles in shared memory
+    config = gemm_config(capability(c), widest, dot_dtype.itemsize, constexprs["DOT_PRECISION"])
     with on_device(c):
-        _ista_gemm_kernel[grid](
-            a_t, a_gate, b_t, b_gate, r_t, r_gate, c,
-            M, N, K, k_per_split, _bucket(M), _bucket(N), _bucket(k_per_split),
-            *a_strides, *a_gate_strides, *b_strides, *b_gate_strides, *r_strides, *r_gate_strides, *c_strides,
-            float(alpha), float(threshold),
-            A_GATED=isinstance(a, Gated),
-            B_GATED=isinstance(b, Gated),
-            HAS_RESIDUAL=residual is not None,
-            R_GATED=isinstance(residual, Gated),
-            RELU=relu,
-            DOT_DTYPE=_TL_DTYPES[dot_dtype],
-            UPCAST=interpreter_upcast(dot_dtype, (torch.float16, torch.bfloat16)),
-            DOT_PRECISION=dot_precision(a_t),
-        )  # fmt: skip
+        launch(_ista_gemm_kernel, grid, args, constexprs, config)
 
 
 def gemm_epilogue(

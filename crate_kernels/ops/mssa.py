@@ -17,9 +17,18 @@ import triton
 
 from crate_kernels import backend
 from crate_kernels._checks import check_positive, check_same, check_shape, check_tensor
+from crate_kernels.kernels.configs import mssa_bwd_config, mssa_fwd_config
 from crate_kernels.kernels.mssa import _mssa_bwd_delta_kernel, _mssa_bwd_kernel, _mssa_fwd_kernel
 from crate_kernels.ops import autocast
-from crate_kernels.ops.launch import dot_precision, dtype_limits, interpreter_upcast, on_device, require_kernel
+from crate_kernels.ops.launch import (
+    capability,
+    dot_precision,
+    dtype_limits,
+    interpreter_upcast,
+    launch,
+    on_device,
+    require_kernel,
+)
 
 MAX_P = 128  # one padded tile of head columns
 MAX_GRID_BH = 65535  # B·H is the second grid dimension (CUDA's limit there)
@@ -124,10 +133,10 @@ def mssa_fwd(
         return MSSAForward(out, lse)
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
+    args = (w, out, lse, mask, *w.stride(), *out.stride(), *mask_strides, H, N, P, scale)
+    config = mssa_fwd_config(capability(w), w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
     with on_device(w):
-        _mssa_fwd_kernel[grid](
-            w, out, lse, mask, *w.stride(), *out.stride(), *mask_strides, H, N, P, scale, IS_CAUSAL=is_causal, **meta
-        )
+        launch(_mssa_fwd_kernel, grid, args, {"IS_CAUSAL": is_causal, **meta}, config)
     return MSSAForward(out, lse)
 
 
@@ -165,15 +174,13 @@ def mssa_bwd(
     mask, mask_strides, meta = _launch_args(w, attn_mask)
     delta = torch.empty_like(lse)
     with on_device(w):
-        _mssa_bwd_delta_kernel[(triton.cdiv(N, _DELTA_BLOCK_M), B * H)](
-            out, grad_out, delta, *out.stride(), *grad_out.stride(), H, N, P,
-            P_PAD=meta["P_PAD"], BLOCK_M=_DELTA_BLOCK_M,
-        )  # fmt: skip
+        grid = (triton.cdiv(N, _DELTA_BLOCK_M), B * H)
+        args = (out, grad_out, delta, *out.stride(), *grad_out.stride(), H, N, P)
+        launch(_mssa_bwd_delta_kernel, grid, args, {"P_PAD": meta["P_PAD"]}, triton.Config({"BLOCK_M": _DELTA_BLOCK_M}))
         grid = lambda META: (triton.cdiv(N, META["BLOCK_M"]), B * H)  # noqa: E731
-        _mssa_bwd_kernel[grid](
-            w, grad_out, lse, delta, dw, mask, *w.stride(), *grad_out.stride(), *dw.stride(), *mask_strides,
-            H, N, P, scale, IS_CAUSAL=is_causal, **meta,
-        )  # fmt: skip
+        args = (w, grad_out, lse, delta, dw, mask, *w.stride(), *grad_out.stride(), *dw.stride(), *mask_strides)
+        config = mssa_bwd_config(capability(w), w.element_size(), P, meta["HAS_MASK"], meta["DOT_PRECISION"])
+        launch(_mssa_bwd_kernel, grid, (*args, H, N, P, scale), {"IS_CAUSAL": is_causal, **meta}, config)
     return dw
 
 

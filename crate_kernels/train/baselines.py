@@ -73,5 +73,17 @@ def score_baselines(train: ImageSet, val: ImageSet) -> list[dict[str, Any]]:
     return rows
 
 
+def rival_scores(run_dir: Path) -> list[dict[str, Any]]:
+    """The ``--task.compare`` runs' own rows (``compare/<model>/baselines.json``, written by their reports)."""
+    rows = []
+    for path in sorted(run_dir.glob("compare/*/baselines.json")):
+        try:
+            row = json.loads(path.read_text())[0]
+        except (OSError, ValueError, IndexError, KeyError):
+            continue  # an unfinished or damaged comparison: its run says so when resumed
+        rows.append(row | {"model": f"{path.parent.name} (same recipe)"})
+    return rows
+
+
 def write_scores(rows: list[dict[str, Any]], run_dir: Path) -> Path:
     return files.write_text(run_dir / "baselines.json", json.dumps(rows, indent=2) + "\n")

@@ -95,6 +95,7 @@ class TaskConfig:
     mask_ratio: float = 0.75  # MAE: share of patches hidden from the encoder
     mlm_probability: float = 0.15  # MLM: share of tokens to predict (80% [MASK], 10% random, 10% kept)
     sample_tokens: int = 200  # LM: characters generated at the end
+    compare: str = ""  # classify: first train this registry model (vit_demo, ...) with the same recipe, as a baseline
     dino_head: tuple[int, int, int] = (512, 64, 256)  # DINO head: MLP width, bottleneck, prototypes K "w,b,K"
     # (upstream 2048,256,65536)
     dino_head_bn: bool = True  # DINO: BatchNorm in the head's MLP (upstream's use_bn_in_head): small images give

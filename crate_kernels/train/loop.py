@@ -15,6 +15,7 @@ import torch
 import crate_kernels
 from crate_kernels import files
 from crate_kernels.measure import has_crate_layers, layerwise
+from crate_kernels.models.registry import model_config
 from crate_kernels.plots import format_scores, format_table, format_trend, plot_run
 from crate_kernels.train import baselines, checkpoint, distributed, run_folder, streams
 from crate_kernels.train.config import ConfigError, TrainConfig
@@ -97,12 +98,17 @@ def train(cfg: TrainConfig) -> dict[str, float]:
         ctx = distributed.setup(cfg.parallel, cfg.device)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
+    rival = _rival(cfg, ctx)
     threads = torch.get_num_threads()
     if ctx.device.type == "cpu" and cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
     try:
         # Under torchrun the launcher forwards the signal it got: a second one must not stop a rank mid-save.
         with StopSignals(repeat_stops_at_once=ctx.parallel == "none") as stop:
+            if rival is not None:
+                print(f"== the baseline {rival.model.name}, the same recipe and budget, in {rival.out}", flush=True)
+                _train(rival, ctx, stop)
+                print(f"== {cfg.model.name}", flush=True)
             return _train(cfg, ctx, stop)
     except BaseException as err:
         full = files.disk_full(err)
@@ -117,6 +123,29 @@ def train(cfg: TrainConfig) -> dict[str, float]:
     finally:
         torch.set_num_threads(threads)
         distributed.teardown(ctx)
+
+
+def _rival(cfg: TrainConfig, ctx: Context) -> TrainConfig | None:
+    """``--task.compare``'s run: the other model with this run's recipe, seed and model arguments (patch size, width),
+    in its own folder inside this one (so it resumes like any run); its report stays short (``task.compare`` = "-")."""
+    if not cfg.task.compare or cfg.task.compare == RIVAL:
+        return None
+    if cfg.task.name != "classify" or ctx.parallel != "none":
+        raise ConfigError("--task.compare needs --task classify in one process")
+    try:
+        model_config(cfg.task.compare)
+    except ValueError as err:
+        raise ConfigError(f"--task.compare: {err}") from err
+    return dataclasses.replace(
+        cfg,
+        out=str(Path(cfg.out) / "compare" / cfg.task.compare),
+        export=False,
+        model=dataclasses.replace(cfg.model, name=cfg.task.compare),
+        task=dataclasses.replace(cfg.task, compare=RIVAL),
+    )
+
+
+RIVAL = "-"  # the task.compare of a comparison run itself
 
 
 def _train(cfg: TrainConfig, ctx: Context, stop: StopSignals) -> dict[str, float]:
@@ -284,9 +313,13 @@ def _report(task, model, sets, evaluated, trained, where, init_rows) -> None:
     name = getattr(model, "config", {}).get("name", "final")
     plot_run(metrics.records(), rows, run_dir / "metrics.png", label=f"{name}, trained", init_rows=init_rows)
     lines.append(f"metrics: {run_dir / 'metrics.jsonl'}, plot: {run_dir / 'metrics.png'}")
-    if "eval_accuracy" in evaluated and isinstance(train_set, ImageSet) and baselines.fits_quickly(train_set):
+    if "eval_accuracy" in evaluated and isinstance(train_set, ImageSet):
         scores = [{"model": f"{name} (this run)", "accuracy": evaluated["eval_accuracy"], "fit_s": trained["seconds"]}]
-        scores += baselines.score_baselines(train_set, val_set)
+        if task.cfg.task.compare != RIVAL:
+            scores += baselines.rival_scores(run_dir)
+            if baselines.fits_quickly(train_set):
+                scores += baselines.score_baselines(train_set, val_set)
         baselines.write_scores(scores, run_dir)
-        lines += [f"the same split, classical baselines ({run_dir / 'baselines.json'}):", format_scores(scores)]
+        if len(scores) > 1:
+            lines += [f"the same split, baselines ({run_dir / 'baselines.json'}):", format_scores(scores)]
     print("\n".join(lines), flush=True)

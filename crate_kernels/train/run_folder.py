@@ -19,7 +19,7 @@ from crate_kernels.models.registry import parse_model_args
 from crate_kernels.train.config import ConfigError, TrainConfig, flag, flatten
 
 # Keys a resumed run may change and still be the same run (data.workers: how, not which, images are decoded).
-NOT_RESUMED = {"out", "max_steps", "progress", "allow_config_change", "data.workers"}
+NOT_RESUMED = {"out", "max_steps", "progress", "allow_config_change", "data.workers", "task.compare"}
 # Keys whose change makes the checkpoints unloadable: the model and its shapes, the objective, the optimizer state.
 INCOMPATIBLE = ("model.name", "model.args", "task.name", "optim.name")
 CONFIG, HISTORY = "config.json", "config_history.jsonl"

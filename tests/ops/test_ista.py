@@ -277,7 +277,6 @@ def _gemm_configs_for_gpu(monkeypatch) -> list:
     from crate_kernels.kernels.configs import gemm_configs
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
     return gemm_configs()
 
 
@@ -294,16 +293,16 @@ def test_ista_prune_fp32_stages(monkeypatch):
 
 
 def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
-    """Every GEMM config the prune keeps for a CRATE-B token GEMM, and the unpruned default config, compiled for
-    sm_90 at each variant the ops launch, fits Hopper's shared memory."""
+    """Every GEMM config the prune keeps for a CRATE-B token GEMM, compiled for sm_90 at each variant the ops launch,
+    fits Hopper's shared memory (the heuristic configs: tests/test_configs.py)."""
     import triton.language as tl
 
-    from crate_kernels.kernels.configs import default_gemm_config, gemm_configs, prune_gemm_configs
+    from crate_kernels.kernels.configs import gemm_configs, prune_gemm_configs
     from crate_kernels.kernels.ista import _ista_gemm_kernel
 
     a_dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     a = torch.empty(0, dtype=getattr(torch, a_dtype))
-    configs = [*prune_gemm_configs(gemm_configs(), {"M": 50432, "N": 768, "a_ptr": a}), default_gemm_config()]
+    configs = prune_gemm_configs(gemm_configs(), {"M": 50432, "N": 768, "a_ptr": a})
     pointers = ("a_ptr", "a_gate_ptr", "b_ptr", "b_gate_ptr", "r_ptr", "r_gate_ptr")
     variants = {  # (gates and epilogue, output type)
         "forward": (dict(A_GATED=False, B_GATED=False, HAS_RESIDUAL=True, R_GATED=False, RELU=True), dtype),
@@ -321,19 +320,11 @@ def _shared_memory_of_kept_configs(dtype: str, precision: str) -> None:
 def test_ista_pruned_configs_fit_hopper():
     """A few minutes of compiling (fp32 in tf32 only, for time; the ieee sizes measured are within 7 % of tf32)."""
     pytest.importorskip("triton.backends.nvidia")
-    run_without_interpreter(
-        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
-        "from tests.ops.test_ista import _shared_memory_of_kept_configs as c; c('fp32', 'tf32')"
-    )
+    run_without_interpreter("from tests.ops.test_ista import _shared_memory_of_kept_configs as c; c('fp32', 'tf32')")
 
 
 @pytest.mark.gpu
-def test_ista_default_config_fp32_gpu(monkeypatch, device):
-    """CRATE_KERNELS_AUTOTUNE=0's one config is launched unpruned: fp32 forward, dx and split-K must all launch."""
-    from crate_kernels.kernels.configs import default_gemm_config
-    from crate_kernels.kernels.ista import _ista_gemm_kernel
-
-    monkeypatch.setattr(_ista_gemm_kernel, "configs", [default_gemm_config()])
-    monkeypatch.setattr(_ista_gemm_kernel, "cache", {})
+def test_ista_heuristic_config_fp32_gpu(device):
+    """The heuristic config is launched unpruned: fp32 forward, dx and split-K must all launch."""
     use_backend("triton")
     _check(*_inputs((4, 197, 384), 384, torch.float32, device=device))

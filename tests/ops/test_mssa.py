@@ -12,9 +12,9 @@ import triton
 
 import crate_kernels
 from crate_kernels import backend
+from crate_kernels.kernels import configs
 from crate_kernels.kernels import mssa as kernels
-from crate_kernels.kernels.configs import attention_configs, default_attention_config, prune_attention_configs
-from crate_kernels.ops import mssa as ops_mssa
+from crate_kernels.kernels.configs import attention_configs, prune_attention_configs
 from crate_kernels.ops.mssa import mssa_bwd, mssa_fwd
 from reference.mssa import mssa_ref
 from tests.utils import (
@@ -44,21 +44,14 @@ GRID_BH = [(1, 1), (2, 3), (3, 6), (1, 12)]
 ON_DEVICE = torch.cuda.is_available() or backend.interpreting()
 
 
-@pytest.fixture(autouse=True)
-def _one_config_on_gpu(monkeypatch):
-    """On GPU, the default config instead of autotuning each of the many shapes here (each config is timed per new
-    key); the tiles autotuning may pick are tested one by one in test_mssa_autotune_tiles_gpu."""
-    if torch.cuda.is_available():
-        for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
-            monkeypatch.setattr(kernel, "configs", [default_attention_config()])
-
-
 @pytest.fixture
 def tiles(monkeypatch):
-    """Swap the autotuned kernels' configs for one given tile: small ones make few tokens span many tiles and tails."""
+    """Swap the autotuned kernels' configs for one given tile: small ones make few tokens span many tiles and tails.
+    On GPU the launches then go through the autotuner (its one config) instead of the heuristic tile."""
 
     def use(block_m: int, block_n: int, num_warps: int = 4, num_stages: int = 1) -> None:
         config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+        monkeypatch.setattr(configs, "_autotune", True)
         for kernel in (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel):
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
@@ -181,31 +174,16 @@ def test_mssa_reads_the_transposed_projection_and_custom_scale(backend_name, dev
     _check(sliced, scale=0.3)
 
 
-class _LaunchSpy:
-    """Stands in for an autotuned kernel: records each launch's arguments, then launches the real kernel."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append(args)
-            return self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
-def test_mssa_kernels_read_the_callers_storage_in_place(monkeypatch, device):
+def test_mssa_kernels_read_the_callers_storage_in_place(device):
     """No copy of the transposed projection or of a strided gradient: the kernels get the callers' storage."""
     use_backend("triton")
-    fwd, bwd = _LaunchSpy(ops_mssa._mssa_fwd_kernel), _LaunchSpy(ops_mssa._mssa_bwd_kernel)
-    monkeypatch.setattr(ops_mssa, "_mssa_fwd_kernel", fwd)
-    monkeypatch.setattr(ops_mssa, "_mssa_bwd_kernel", bwd)
     x = _randn((2, 21, 3, 32), device).requires_grad_()  # the projection output (B, N, H, P)
     w = x.transpose(1, 2)
     grad_out = _randn((2, 21, 3, 64), device, seed=1)[..., ::2].transpose(1, 2)
-    torch.autograd.grad(crate_kernels.mssa(w), x, grad_out)
-    (fwd_args,), (bwd_args,) = fwd.launches, bwd.launches
+    with backend.dry_run() as launches:
+        torch.autograd.grad(crate_kernels.mssa(w), x, grad_out)
+    tiled = (kernels._mssa_fwd_kernel, kernels._mssa_bwd_kernel)
+    fwd_args, bwd_args = (launch.args for launch in launches if launch.kernel in tiled)
     assert fwd_args[0].data_ptr() == x.data_ptr() and tuple(fwd_args[4:8]) == w.stride()
     assert bwd_args[0].data_ptr() == x.data_ptr() and tuple(bwd_args[6:10]) == w.stride()
     assert bwd_args[1].data_ptr() == grad_out.data_ptr() and tuple(bwd_args[10:14]) == grad_out.stride()
@@ -447,7 +425,6 @@ def test_mssa_autotune_key_has_dot_precision():
 
 def _attention_configs_for_gpu(monkeypatch) -> list[triton.Config]:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("CRATE_KERNELS_AUTOTUNE", "1")
     return attention_configs()
 
 
@@ -485,7 +462,6 @@ def test_mssa_pruned_backward_configs_fit_hopper():
     """About a minute of compiling (tf32 only: each ieee backward compile takes 30–150 s)."""
     pytest.importorskip("triton.backends.nvidia")
     run_without_interpreter(
-        "import os; os.environ['CRATE_KERNELS_AUTOTUNE'] = '1'; "
         "from tests.ops.test_mssa import _shared_memory_of_kept_configs as c; c('fp32', 'tf32', 197, 128)"
     )
 

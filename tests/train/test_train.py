@@ -13,7 +13,7 @@ import torch
 
 import crate_kernels
 from crate_kernels.models import parse_model_args
-from crate_kernels.train import checkpoint
+from crate_kernels.train import checkpoint, run_folder
 from crate_kernels.train.__main__ import main
 from crate_kernels.train.config import ConfigError, from_flat
 from crate_kernels.train.loop import train
@@ -321,6 +321,26 @@ def test_train_default_run_reaches_97_5_percent(tmp_path, capsys):
     assert result["eval_accuracy"] >= 0.975
     out = capsys.readouterr().out
     assert "RBF SVM" in out and "at initialisation it" in out and (tmp_path / "baselines.json").is_file()
+
+
+def test_compare_trains_the_rival_first_with_the_same_recipe(tmp_path, capsys):
+    """`make train`'s --task.compare vit_demo: the ViT trains in compare/vit_demo with the run's seed and model
+    arguments, and its row joins the baselines; a rerun resumes both finished runs without training again."""
+    from crate_kernels.train.config import parse_args
+
+    flags = ["--out", str(tmp_path), "--progress", "false", "--model.backend", "torch", "--cpu-threads", "1"]
+    flags += ["--steps", "4", "--eval-every", "4", "--task.compare", "vit_demo"]
+    train(parse_args(flags))
+    rival = tmp_path / "compare" / "vit_demo"
+    assert "patch_size=4" in json.loads((rival / run_folder.CONFIG).read_text())["model"]["args"]
+    rows = json.loads((tmp_path / "baselines.json").read_text())
+    assert [r["model"] for r in rows[:2]] == ["crate_demo (this run)", "vit_demo (same recipe)"]
+    assert rows[1]["accuracy"] == json.loads((rival / "baselines.json").read_text())[0]["accuracy"]
+    assert "vit_demo (same recipe)" in capsys.readouterr().out
+    train(parse_args(flags))
+    assert "trained 0 steps" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match=r"--task\.compare"):
+        train(parse_args([*flags[:-2], "--task.compare", "vit_dmo"]))
 
 
 def test_checkpoint_rng_states_survive_weights_only_load(tmp_path):
