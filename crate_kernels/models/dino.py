@@ -75,7 +75,7 @@ class DINOHead(nn.Module):
         for k, (a, b) in enumerate(itertools.pairwise(widths)):
             mlp.append(nn.Linear(a, b))
             if k < layers - 1:  # a hidden layer
-                mlp += [nn.BatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
+                mlp += [GlobalBatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
         self.mlp = nn.Sequential(*mlp)
         self.out_dim = out_dim
         for m in self.mlp:

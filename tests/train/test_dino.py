@@ -109,6 +109,7 @@ def test_global_batch_norm_across_two_ranks_matches_batch_norm_on_the_whole_batc
     mine = GlobalBatchNorm1d(x.shape[1])
     mine.load_state_dict(bn.state_dict())
     torch.testing.assert_close(mine.eval()(x), bn(x), rtol=0, atol=0)
+    assert any(isinstance(m, GlobalBatchNorm1d) for m in DINOHead(4, 3, 8, 4, batch_norm=True).modules())
 
 
 def test_dino_schedules():
