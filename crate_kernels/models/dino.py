@@ -1,8 +1,9 @@
 """DINO's projection head and its student / EMA-teacher pair (Caron et al. 2021, upstream ``vision_transformer.py``).
 
 - :class:`DINOHead`: a 3-layer MLP (GELU; BatchNorm after each hidden linear layer with ``batch_norm``, upstream's
-  ``use_bn_in_head``) to a bottleneck, L2-normalised, then a weight-normalised linear layer to K prototypes whose
-  norms are fixed at 1 (upstream's ``norm_last_layer=True``), called ``last_layer``.
+  ``use_bn_in_head``, with the statistics of all ranks' batches together: :class:`GlobalBatchNorm1d`) to a
+  bottleneck, L2-normalised, then a weight-normalised linear layer to K prototypes whose norms are fixed at 1
+  (upstream's ``norm_last_layer=True``), called ``last_layer``.
 - :class:`SelfDistillation`: any image classifier of the registry (its [CLS] feature through its own final norm, the
   classifier removed) and a head, trained by gradient (the student), and the teacher: an exponential moving average
   of the same weights. The teacher's weights are buffers, not a second module: the model holds one set of layers
@@ -15,9 +16,36 @@ import itertools
 from collections.abc import Mapping
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over (N, C) whose training statistics are those of every rank's batch together (SyncBatchNorm's,
+    which needs CUDA), when the default process group holds more than one process; plain BatchNorm1d otherwise and in
+    eval. Two all-reduces through autograd (the mean, then the centred sum of squares: no cancellation), so the
+    gradient flows across ranks as in one process; every rank updates its running statistics alike (the global
+    unbiased variance). All ranks must call it together, e.g. each with its own share of the same global batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        xf = x.float()
+        n = dist_fn.all_reduce(xf.new_tensor([len(xf)]))
+        mean = dist_fn.all_reduce(xf.sum(0)) / n
+        var = dist_fn.all_reduce((xf - mean).square().sum(0)) / n
+        y = (xf - mean) * torch.rsqrt(var + self.eps)
+        y = y * self.weight + self.bias if self.affine else y
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1 / self.num_batches_tracked.item()
+                self.running_mean.lerp_(mean.to(self.running_mean), m)
+                self.running_var.lerp_((var * n / (n - 1).clamp(min=1)).to(self.running_var), m)
+        return y.to(x.dtype)
 
 
 class DINOHead(nn.Module):
@@ -26,7 +54,8 @@ class DINOHead(nn.Module):
     Args:
         in_dim: the backbone's feature width D. out_dim: K prototypes. hidden_dim, bottleneck_dim: MLP widths
         (upstream: 2048 and 256). layers: linear layers before the bottleneck's normalisation (≥ 1; upstream 3).
-        batch_norm: BatchNorm1d after each hidden linear layer (statistics of the batch the head sees).
+        batch_norm: BatchNorm after each hidden linear layer, :class:`GlobalBatchNorm1d` (in training, the statistics
+            of the batch every rank's head sees at once: with one micro-batch a step, the global batch).
     """
 
     def __init__(
@@ -46,7 +75,7 @@ class DINOHead(nn.Module):
         for k, (a, b) in enumerate(itertools.pairwise(widths)):
             mlp.append(nn.Linear(a, b))
             if k < layers - 1:  # a hidden layer
-                mlp += [nn.BatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
+                mlp += [GlobalBatchNorm1d(b), nn.GELU()] if batch_norm else [nn.GELU()]
         self.mlp = nn.Sequential(*mlp)
         self.out_dim = out_dim
         for m in self.mlp:

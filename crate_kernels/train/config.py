@@ -99,7 +99,8 @@ class TaskConfig:
     dino_head: tuple[int, int, int] = (512, 64, 256)  # DINO head: MLP width, bottleneck, prototypes K "w,b,K"
     # (upstream 2048,256,65536)
     dino_head_bn: bool = True  # DINO: BatchNorm in the head's MLP (upstream's use_bn_in_head): small images give
-    # near-identical features at init and the head collapses without it; its statistics are each micro batch's
+    # near-identical features at init and the head collapses without it; its statistics are the micro-step's on all
+    # ranks together (global across ranks; another grad_accum changes them)
     dino_local_crops: int = 4  # DINO: local views per image, beside the 2 global ones (upstream 8 to 10)
     dino_global_scale: tuple[float, float] = (0.4, 1.0)  # DINO: area share of a global view "lo,hi"
     dino_local_scale: tuple[float, float] = (0.05, 0.4)  # DINO: area share of a local view "lo,hi"

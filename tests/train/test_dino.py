@@ -4,9 +4,12 @@ import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
 
 import crate_kernels
-from crate_kernels.models.dino import DINOHead, SelfDistillation
+from crate_kernels.models.dino import DINOHead, GlobalBatchNorm1d, SelfDistillation
 from crate_kernels.train import streams
 from crate_kernels.train.config import ConfigError, from_flat
 from crate_kernels.train.data import load_dataset
@@ -55,6 +58,58 @@ def test_dino_loss_matches_a_loop_over_view_pairs():
                 expected -= sum(t[k] / sum(t) * math.log(s[k] / sum(s)) for k in range(K)) / b
             pairs += 1
     assert dino_loss(student, teacher, center, 0.1, 0.04).item() == pytest.approx(expected / pairs, rel=1e-5)
+
+
+SHARES = (4, 8)  # rows of the global batch each of 2 ranks takes (unequal: the count is all-reduced too)
+
+
+def _global_batch(channels: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inputs, output weights of the loss, BatchNorm weight, bias), off-centre so the statistics matter."""
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(sum(SHARES), channels, generator=g) * 3 + 2, torch.randn(sum(SHARES), channels, generator=g)
+    return x, c, 1 + torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+
+
+def _global_bn_rank(rank: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    x, c, weight, bias = _global_batch()
+    rows = slice(sum(SHARES[:rank]), sum(SHARES[: rank + 1]))
+    bn = GlobalBatchNorm1d(x.shape[1])
+    bn.weight.data, bn.bias.data = weight, bias
+    mine = x[rows].clone().requires_grad_()
+    for _ in range(2):  # twice: the running statistics' update compounds
+        y = bn(mine)
+    (y * c[rows]).sum().backward()
+    state = {"y": y.detach(), "dx": mine.grad, "dw": bn.weight.grad, "db": bn.bias.grad} | bn.state_dict()
+    torch.save(state, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_batch_norm_across_two_ranks_matches_batch_norm_on_the_whole_batch(tmp_path):
+    """2 gloo processes, each a share of the batch: the output, the input and parameter gradients (summed over ranks,
+    as DDP's reduction does before averaging) and every rank's running statistics are BatchNorm1d's on the whole."""
+    mp.spawn(_global_bn_rank, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    x, c, weight, bias = _global_batch()
+    bn = nn.BatchNorm1d(x.shape[1])
+    bn.weight.data, bn.bias.data = weight, bias
+    x.requires_grad_()
+    for _ in range(2):
+        y = bn(x)
+    (y * c).sum().backward()
+    ranks = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **close)
+    torch.testing.assert_close(torch.cat([r["dx"] for r in ranks]), x.grad, **close)
+    torch.testing.assert_close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad, **close)
+    torch.testing.assert_close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad, **close)
+    for r in ranks:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(r[name], bn.state_dict()[name], **close)
+    bn.eval()  # in eval (and in one process) it is BatchNorm1d itself
+    mine = GlobalBatchNorm1d(x.shape[1])
+    mine.load_state_dict(bn.state_dict())
+    torch.testing.assert_close(mine.eval()(x), bn(x), rtol=0, atol=0)
+    assert any(isinstance(m, GlobalBatchNorm1d) for m in DINOHead(4, 3, 8, 4, batch_norm=True).modules())
 
 
 def test_dino_schedules():

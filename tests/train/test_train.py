@@ -35,10 +35,8 @@ TINY = {
 }
 
 
-# DINO at test size: a small head, two local views, and the last layer trained from the start; no BatchNorm in the
-# head (its statistics are each micro-batch's: 1 and 2 processes differ with it).
+# DINO at test size: a small head, two local views, and the last layer trained from the start.
 DINO = {"task.name": "dino", "task.dino_head": "32,16,24", "task.dino_local_crops": 2, "task.dino_freeze_last_layer": 0}
-DINO |= {"task.dino_head_bn": False}
 LFW = {"data.name": "lfw", "data.image_size": 8, "data.val_fraction": 0.8}  # 40 training images, 160 held out
 
 
@@ -255,13 +253,14 @@ def records(run_dir: Path) -> tuple[dict[int, float], dict[str, float]]:
 @pytest.mark.xdist_group("torchrun")
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
-    """torchrun, 2 gloo processes × 2 micro-batches of 4 = the single process's global batch of 16: the same train
-    losses at every step and the same held-out metrics, for every task. One launch runs them all in turn.
+    """torchrun, 2 gloo processes × 2 micro-batches of 4 (DINO: 1 of 8) = the single process's global batch of 16: the
+    same train losses at every step and the same held-out metrics, for every task. One launch runs them all in turn.
 
     MAE and MLM check that each sample's random mask depends on neither the rank nor the micro-batch it lands in
     (held out: nor on the evaluation batch), MLM that its loss is the mean over the global batch's masked tokens;
-    DINO that its views do not either, that the centre moves by the mean teacher score of the whole global batch
-    and that the teacher follows the student (gathered from its shards under FSDP2); the image folder (DDP) that every
+    DINO that its views do not either, that the centre moves by the mean teacher score of the whole global batch,
+    that the head's BatchNorm normalises by the statistics of both ranks' batches (and learns through them) and that
+    the teacher follows the student (gathered from its shards under FSDP2); the image folder (DDP) that every
     sample's crop, flip and Mixup weight do not depend on them either. The FSDP2
     runs stop at step 2 and resume to 4 from their sharded checkpoints; the image-folder run resumes mid-epoch with
     another DataLoader worker count than the single process.
@@ -271,7 +270,8 @@ def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
     configs = []
     for run in runs:
         for stop in (2, 4) if parallel == "fsdp2" or run == "classify_folder" else (4,):
-            values = {"parallel": parallel, "max_steps": stop, "optim.grad_accum": 2}
+            # DINO: one micro-batch of 8 a rank, so that the head's BatchNorm sees the global batch, as in one process
+            values = {"parallel": parallel, "max_steps": stop, "optim.grad_accum": 1 if run == "dino" else 2}
             values |= {"data.workers": 1} if run == "classify_folder" and stop == 4 else {}
             configs.append(run_config(run, tmp_path / run, images, values))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -284,7 +284,10 @@ def test_train_two_processes_match_one(single_process_runs, tmp_path, parallel):
         assert single.keys() == multi.keys() == {1, 2, 3, 4}, run
         for step in single:
             assert multi[step] == pytest.approx(single[step], rel=1e-5), (run, step)
-        assert multi_eval == pytest.approx(single_eval, rel=1e-5), run
+        loose = {"eval_loss"} if run == "dino" else set()  # the head's BatchNorm in eval: see docs/design.md
+        for name, value in single_eval.items():
+            assert multi_eval[name] == pytest.approx(value, rel=1e-2 if name in loose else 1e-5), (run, name)
+        assert multi_eval.keys() == single_eval.keys(), run
         written = {p.name for p in (checkpoint.checkpoints(tmp_path / run)[-1]).iterdir()}
         assert written >= {"train.pt", "rng_rank0.pt", "rng_rank1.pt"}
         assert ("model_optim" in written) == (parallel == "fsdp2")  # sharded (DCP) state only for FSDP2
