@@ -5,7 +5,8 @@ with object masks (``shapes``) and writes ``segmentation.json`` (classification 
 foreground IoU and CorLoc; the mIoU of each head's attention mask alone) and overlay pictures (image | ground truth |
 attention | MaskCut) of the first batches. The model comes from a crate-train run folder, a ``save_pretrained``
 folder or the registry (random weights: the untrained baseline); the data from the run folder or ``--data``,
-normalised as in training.
+normalised as in training. A ``--task dino`` run is segmented with its teacher's backbone, as crate-measure loads
+it: a backbone without a classifier (``num_classes`` 0) has no accuracy, and its report carries mIoU and CorLoc only.
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ def _segment(args: argparse.Namespace) -> None:
     val, ids = _held_out(args, run_data, model)
     out = Path(args.out)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
+    labelled = model.num_classes > 0  # a self-supervised backbone has no classifier to score
     correct, iou, hits, head_iou = 0, {m: [] for m in METHODS}, {m: [] for m in METHODS}, []
     options = {"tau": args.tau, "num_objects": args.num_objects, "keep": args.keep}
     written = []
     for k, chunk in enumerate(tqdm(ids.split(args.batch_size), desc="segment", disable=not args.progress)):
         batch = val.batch(chunk).to(device)
         with torch.no_grad():
-            correct += int((model(batch.inputs).argmax(-1) == batch.targets).sum())
+            if labelled:
+                correct += int((model(batch.inputs).argmax(-1) == batch.targets).sum())
         truth = val.masks[chunk]
         predicted = {m: segment(model, batch.inputs, m, **options).cpu() for m in METHODS}
         for m in METHODS:
@@ -112,10 +115,12 @@ def _segment(args: argparse.Namespace) -> None:
             written.append(image_grid(rows, titles, out / "overlays" / f"batch_{k:03d}.png"))
     scores = {m: {"miou": float(torch.cat(iou[m]).mean()), "corloc": float(torch.cat(hits[m]).float().mean())}
               for m in METHODS}  # fmt: skip
-    report = {"model": model.config["name"], "origin": origin, "images": len(ids), "accuracy": correct / len(ids)}
+    report = {"model": model.config["name"], "origin": origin, "images": len(ids)}
+    report |= {"accuracy": correct / len(ids)} if labelled else {}
     report |= {"options": options, **scores, "attention_miou_per_head": torch.cat(head_iou).mean(0).tolist()}
     written.insert(0, files.write_text(out / "segmentation.json", json.dumps(report, indent=2) + "\n"))
-    print(f"{origin}\n{len(ids)} held-out images, accuracy {report['accuracy']:.2%}")
+    accuracy = f", accuracy {report['accuracy']:.2%}" if labelled else " (no classifier: no accuracy)"
+    print(f"{origin}\n{len(ids)} held-out images{accuracy}")
     for m in METHODS:
         print(f"{m:>10}: mIoU {scores[m]['miou']:.3f}  CorLoc {scores[m]['corloc']:.3f}")
     print("attention mIoU per head: " + " ".join(f"{v:.3f}" for v in report["attention_miou_per_head"]))

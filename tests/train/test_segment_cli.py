@@ -1,4 +1,4 @@
-"""``crate-segment`` end to end on a tiny crate-train run on ``shapes``, and its one-line errors."""
+"""``crate-segment`` end to end on a tiny crate-train run on ``shapes`` (supervised, DINO), and its one-line errors."""
 
 import json
 
@@ -17,10 +17,15 @@ def _small_shapes(monkeypatch):
     monkeypatch.setattr(shapes, "COUNT", 40)
 
 
-@pytest.mark.parametrize("model", ["crate_demo", "vit_demo"])
-def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model):
+DINO = "--task dino --task.dino_head 32,8,16 --task.dino_local_crops 1"  # small head, one local view
+
+
+@pytest.mark.parametrize(
+    ("model", "task"), [("crate_demo", ""), ("vit_demo", ""), ("crate_demo", DINO)], ids=["crate", "vit", "crate-dino"]
+)
+def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model, task):
     run = tmp_path / "run"
-    flags = f"--model {model} --model-args depth=1,patch_size=4 --model.backend torch --data shapes --steps 2"
+    flags = f"--model {model} --model-args depth=1,patch_size=4 --model.backend torch --data shapes --steps 2 {task}"
     train(
         parse_args(
             [
@@ -42,7 +47,11 @@ def test_segment_cli_scores_a_tiny_run(tmp_path, capsys, model):
         == 0
     )
     report = json.loads((out / "segmentation.json").read_text())
-    assert report["model"] == model and report["images"] == 8 and 0 <= report["accuracy"] <= 1
+    assert report["model"] == model and report["images"] == 8
+    if task:  # the teacher's backbone: no classifier, no accuracy
+        assert "accuracy" not in report and "teacher's backbone" in report["origin"]
+    else:
+        assert 0 <= report["accuracy"] <= 1
     for method in ("attention", "maskcut"):
         assert 0 <= report[method]["miou"] <= 1 and 0 <= report[method]["corloc"] <= 1
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["batch_000.png", "batch_001.png"]
