@@ -7,8 +7,12 @@ that line (``--debug``: the traceback too) and exits with the error's status.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+from collections.abc import Callable
 from types import FrameType
+
+from crate_kernels import files
 
 
 class RunError(Exception):
@@ -53,3 +57,22 @@ class StopSignals:
     def __exit__(self, *exc_info: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def one_line_errors(command: str, body: Callable[[], None]) -> int:
+    """Run a command that reads a run and writes files whole (``crate-measure``, ``crate-segment``); return its exit
+    status. A user's mistake (bad model, argument, checkpoint or data) ends in one line and status 2, a full disk or
+    another I/O error in one line and 1, Ctrl-C in one line and 130: each file already written is complete."""
+    try:
+        body()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        message, status = f"error: {err}", 2
+    except OSError as err:
+        what = "disk full" if files.disk_full(err) else (err.strerror or str(err))
+        message, status = f"{what}: could not write {err.filename or 'an output'}; files written before are whole", 1
+    except KeyboardInterrupt:
+        message, status = "interrupted; files written before are whole; run the same command again", 130
+    else:
+        return 0
+    print(f"{command}: {message}", file=sys.stderr)
+    return status

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import inspect
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -29,6 +28,7 @@ from crate_kernels.models.pretrained import from_pretrained, load_official
 from crate_kernels.plots import format_table, plot_attention_maps, plot_layerwise
 from crate_kernels.train.config import TASK_DEFAULTS, DataConfig, from_flat, load_file
 from crate_kernels.train.data import load_dataset, photograph
+from crate_kernels.train.faults import one_line_errors
 
 DEFAULT_MODEL = "crate_demo"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,15 +177,11 @@ def load_inputs(model: nn.Module, data: DataConfig, batch_size: int, seed: int =
 def main(argv: Sequence[str] | None = None) -> int:
     """``crate-measure``: print the per-layer table, write layerwise.json and layerwise.png (and attention.png).
 
-    Returns the exit status: 0, or 2 with a one-line message for a bad model name, argument, checkpoint or data.
+    Returns the exit status (``faults.one_line_errors``): 0, or one line and 2 for a bad model name, argument,
+    checkpoint or data, 1 for a full disk or another I/O error, 130 for Ctrl-C.
     """
     args = _parse_args(argv)
-    try:
-        _measure(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"crate-measure: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return one_line_errors("crate-measure", lambda: _measure(args))
 
 
 def _measure(args: argparse.Namespace) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from crate_kernels import files
 from crate_kernels.plots import image_grid, overlay_masks
 from crate_kernels.segment import attention_masks, corloc, mask_iou, segment, to_pixels
 from crate_kernels.train.data import ImageSet, load_dataset
+from crate_kernels.train.faults import one_line_errors
 from crate_kernels.train.measure_cli import _data_config, model_to_measure
 
 METHODS = ("attention", "maskcut")
@@ -57,14 +57,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``crate-segment``; returns 0, or 2 with a one-line message for a bad model, checkpoint or data."""
+    """``crate-segment``; returns the exit status (``faults.one_line_errors``: 0, or one line and 2, 1 or 130)."""
     args = _parse_args(argv)
-    try:
-        _segment(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"crate-segment: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return one_line_errors("crate-segment", lambda: _segment(args))
 
 
 def _held_out(args: argparse.Namespace, run_data, model: torch.nn.Module) -> tuple[ImageSet, torch.Tensor]:

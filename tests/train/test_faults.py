@@ -288,3 +288,27 @@ def test_faults_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(ConfigError, match="got a list"):
         main(["--config", str(config), "--debug"])
     assert json.loads(config.read_text()) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "line"),
+    [
+        (KeyboardInterrupt(), 130, "crate-measure: interrupted; files written before are whole"),
+        (OSError(errno.ENOSPC, "No space left on device", "out/layerwise.png"), 1, "crate-measure: disk full"),
+        (FileNotFoundError(errno.ENOENT, "No such file", "run/config.json"), 2, "crate-measure: error: "),
+    ],
+)
+def test_faults_of_the_measuring_commands_are_one_line(monkeypatch, capsys, fault, status, line):
+    """crate-measure and crate-segment share one ending: Ctrl-C, a full disk or a bad path is one line, no traceback."""
+    from crate_kernels.train import measure_cli, segment_cli
+
+    def stopped(args):
+        raise fault
+
+    monkeypatch.setattr(measure_cli, "_measure", stopped)
+    assert measure_cli.main(["--model", "crate_demo"]) == status
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1
+    monkeypatch.setattr(segment_cli, "_segment", stopped)
+    assert segment_cli.main(["--checkpoint", "run"]) == status
+    assert capsys.readouterr().err.startswith(line.replace("crate-measure", "crate-segment"))
