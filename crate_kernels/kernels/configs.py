@@ -73,8 +73,8 @@ def mssa_bwd_config(
     """The MSSA backward's tile: BLOCK_M owned dW rows × BLOCK_N rows streamed. It holds two fp32 accumulators and
     two probability tiles: 64 × 32 on 4 warps where that compiled for sm_90 without spills (heads up to 64 wide; 8
     warps before Hopper, whose mma.sync keeps the accumulators in registers where wgmma's warpgroups share them),
-    32 × 32 for a 128-wide head or a 16-bit mask tile, 16 × 32 for an fp32 mask tile, 32 × 16 for a 16-bit mask at
-    P = 128 (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots as FMAs) takes 8 warps: 32 × 32 for an
+    32 × 32 for a 128-wide head or a 16-bit mask tile, 16 × 32 for an fp32 mask tile, 32 × 16 on 8 warps for a 16-bit
+    mask at P = 128 (docs/design.md, 'Kernel configurations'). IEEE fp32 (dots as FMAs) takes 8 warps: 32 × 32 for an
     unmasked head up to 64 wide, else 16 × 16."""
     p_pad = max(16, triton.next_power_of_2(P))
     warps = 4
@@ -83,6 +83,8 @@ def mssa_bwd_config(
     elif has_mask:
         small = p_pad > 64 or capability >= (10, 0)  # sm_100 spilled 16 B at 32 × 32 (P = 32)
         block_m, block_n = (16, 32) if element_size == 4 else (32, 16) if small else (32, 32)
+        # A 16-bit mask at P = 128 sits at 255 registers on 4 warps (triton 3.9 spills 24 B); 8 warps: 182–194.
+        warps = 8 if element_size == 2 and p_pad > 64 else 4
     else:
         block_m, block_n = (32, 32) if p_pad > 64 else (64, 32)
         warps = 8 if capability < (9, 0) and block_m == 64 else 4
