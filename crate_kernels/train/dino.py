@@ -1,7 +1,8 @@
 """The ``dino`` task: self-distillation without labels (DINO, Caron et al. 2021), on any registry classifier.
 
-One step (docs/design.md, "Self-supervised pre-training"): each image of the batch gives 2 global and
-``--task.dino_local_crops`` local views (:class:`MultiCrop`, drawn from stream ``crops``); the student
+One step (docs/design.md, "Self-supervised pre-training"): each image of the batch gives 2 global views at the model's
+input size and ``--task.dino_local_crops`` local ones at the smaller :func:`local_size` (:class:`MultiCrop`, drawn
+from stream ``crops``); the student
 (``models.dino.SelfDistillation``) scores every view, the teacher the global ones; the loss (:func:`dino_loss`) is the
 cross-entropy between the teacher's sharpened, centred softmax and the student's, over every pair of a global teacher
 view and a different student view. After the optimizer step the teacher moves towards the student (EMA, momentum on a
