@@ -5,10 +5,12 @@ Attribute names give exactly upstream's state_dict keys (docs/design.md, "The mo
 ``cls_token`` and ``mlp_head.{0,1}``.
 """
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -73,6 +75,32 @@ def check_images(images: torch.Tensor, channels: int, image_size: int | tuple[in
     expected = (channels, *pair(image_size))
     if images.dim() != 4 or tuple(images.shape[1:]) != expected:
         raise ValueError(f"images must have shape (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}")
+
+
+def image_grid(images: torch.Tensor, channels: int, patch_size: int | tuple[int, int]) -> tuple[int, int]:
+    """The patch grid of images (B, C, H, W) of any size that splits into whole patches; ValueError otherwise."""
+    (ph, pw) = pair(patch_size)
+    if images.dim() != 4 or images.shape[1] != channels or images.shape[2] % ph or images.shape[3] % pw:
+        raise ValueError(
+            f"images must have shape (B, {channels}, H, W) with H, W multiples of the patch size {(ph, pw)}, "
+            f"got {tuple(images.shape)}"
+        )
+    return images.shape[2] // ph, images.shape[3] // pw
+
+
+def resize_pos_embedding(
+    pe: torch.Tensor, grid: tuple[int, int], source_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """(1, 1 + L, D) → (1, 1 + gh·gw, D): the class token's position kept, the patch positions (a ``source_grid``,
+    square when not given) resized bicubically to ``grid`` (in fp32, ``align_corners=False``)."""
+    cls, patches = pe[:, :1], pe[:, 1:]
+    if source_grid is None:
+        side = math.isqrt(patches.shape[1])
+        source_grid = (side, side)
+    patches = patches.reshape(1, *source_grid, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pe.dtype)
+    return torch.cat([cls, patches], dim=1)
 
 
 class PreNorm(nn.Module):
@@ -253,9 +281,16 @@ class ImageClassifier(ClassifierHooks, nn.Module):
         """images: (B, C, H, W) → patch tokens (B, L, D)."""
         raise NotImplementedError
 
+    def positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The position table (1, 1 + gh·gw, D) of a patch grid: ``pos_embedding`` itself at the constructed grid,
+        else its patch part resized bicubically (docs/design.md, "Other input sizes")."""
+        native = check_image_config(self.image_size, self.patch_size)
+        return self.pos_embedding if grid == native else resize_pos_embedding(self.pos_embedding, grid, native)
+
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, C, H, W) → tokens after the last layer (B, 1 + L, D), class token first."""
-        check_images(images, self.channels, self.image_size)
+        """images: (B, C, H, W), H and W multiples of the patch size → tokens after the last layer (B, 1 + L, D),
+        class token first."""
+        grid = image_grid(images, self.channels, self.patch_size)
         x = self.embed_patches(images)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embedding
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.positions(grid)
         return self.transformer(self.dropout(x))

@@ -13,7 +13,7 @@
 """
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -106,8 +106,10 @@ class SelfDistillation(nn.Module):
     """Student (``backbone`` → ``head``) and EMA teacher, with the teacher's centre.
 
     ``forward(images)``: (b, C, H, W) → the teacher backbone's features (b, D), e.g. for k-NN;
-    ``forward(views)``: (V, b, C, H, W), the first ``global_views`` of them global → (student scores (V, b, K),
-    teacher scores (global_views, b, K), the latter without gradient).
+    ``forward(views)``: (V, b, C, H, W), the first ``global_views`` of them global, or a sequence of such groups of
+    views, one per resolution (upstream's MultiCropWrapper), the globals first → (student scores (V, b, K) of every
+    view in order, teacher scores (global_views, b, K), the latter without gradient). The student's backbone runs
+    once per group, its head once on all the features together (its BatchNorm sees every view).
 
     Args:
         backbone: an image classifier with ``reset_classifier`` (timm's hook); it is reset to 0 classes, so that it
@@ -129,13 +131,17 @@ class SelfDistillation(nn.Module):
         x = functional_call(self.backbone, self.teacher_backbone.by_name(), (images,))
         return functional_call(self.head, self.teacher_head.by_name(), (x,)) if head else x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if images.dim() == 4:
+    def forward(
+        self, images: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
             return self.teacher(images, head=False)
-        V, b = images.shape[:2]
-        student = self.head(self.backbone(images.flatten(0, 1))).unflatten(0, (V, b))
+        groups = [images] if isinstance(images, torch.Tensor) else list(images)
+        b = groups[0].shape[1]
+        features = torch.cat([self.backbone(group.flatten(0, 1)) for group in groups])
+        student = self.head(features).unflatten(0, (-1, b))
         with torch.no_grad():
-            teacher = self.teacher(images[: self.global_views].flatten(0, 1)).unflatten(0, (-1, b))
+            teacher = self.teacher(groups[0][: self.global_views].flatten(0, 1)).unflatten(0, (-1, b))
         return student, teacher
 
     @torch.no_grad()

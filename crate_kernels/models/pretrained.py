@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from crate_kernels.models import crate_lm, crate_mae
-from crate_kernels.models.common import pair
+from crate_kernels.models.common import pair, resize_pos_embedding
 from crate_kernels.models.registry import create_model, model_config
 
 CONFIG_FILE = "config.json"
@@ -149,16 +148,6 @@ def _target_grid(model: nn.Module, num_patches: int) -> tuple[int, int]:
     return side, side
 
 
-def _resize_pos_embedding(pe: torch.Tensor, n_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, 1 + L, D) -> (1, 1 + gh·gw, D): the class token kept, the square source grid resized bicubically."""
-    cls, patches = pe[:, :1], pe[:, 1:]
-    side = math.isqrt(patches.shape[1])
-    patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).to(pe.dtype)
-    return torch.cat([cls, patches], dim=1)
-
-
 def _fixed_sincos_table(model: nn.Module, key: str, src: torch.Tensor) -> bool:
     """Whether ``key`` is a frozen parameter of ``model`` and ``src`` (1, 1 + side², D) the 2-D sin-cos table of its
     square grid (CRATE-MAE's ``pos_embed`` / ``decoder_pos_embed``), to the checkpoint dtype's rounding."""
@@ -249,7 +238,7 @@ def load_official(
                 loaded[key] = crate_mae.sincos_pos_embed_2d(dst.shape[2], *grid)[None].to(dst.dtype)
                 regenerated[key] = (tuple(src.shape), tuple(dst.shape))
             else:
-                loaded[key] = _resize_pos_embedding(src, dst.shape[1], grid)
+                loaded[key] = resize_pos_embedding(src, grid)
                 interpolated[key] = (tuple(src.shape), tuple(dst.shape))
         else:
             shapes.append(f"{key}: {tuple(src.shape)} vs {tuple(dst.shape)}")

@@ -104,6 +104,8 @@ class TaskConfig:
     dino_local_crops: int = 4  # DINO: local views per image, beside the 2 global ones (upstream 8 to 10)
     dino_global_scale: tuple[float, float] = (0.4, 1.0)  # DINO: area share of a global view "lo,hi"
     dino_local_scale: tuple[float, float] = (0.05, 0.4)  # DINO: area share of a local view "lo,hi"
+    dino_local_size: int = 0  # DINO: side of the local views in pixels, a multiple of the patch size (0: each side
+    # 3/7 of the model's, as upstream's 96 of 224, in whole patches, at least 2, at most all)
     dino_teacher_temp: tuple[float, float] = (0.04, 0.07)  # DINO: teacher softmax temperature, warmup "from,to"
     dino_teacher_temp_epochs: int = 10  # DINO: epochs of the teacher temperature's linear warmup
     dino_momentum: float = 0.996  # DINO: the teacher's EMA momentum at step 0, then a cosine to 1

@@ -1,7 +1,8 @@
 """The ``dino`` task: self-distillation without labels (DINO, Caron et al. 2021), on any registry classifier.
 
-One step (docs/design.md, "Self-supervised pre-training"): each image of the batch gives 2 global and
-``--task.dino_local_crops`` local views (:class:`MultiCrop`, drawn from stream ``crops``); the student
+One step (docs/design.md, "Self-supervised pre-training"): each image of the batch gives 2 global views at the model's
+input size and ``--task.dino_local_crops`` local ones at the smaller :func:`local_size` (:class:`MultiCrop`, drawn
+from stream ``crops``); the student
 (``models.dino.SelfDistillation``) scores every view, the teacher the global ones; the loss (:func:`dino_loss`) is the
 cross-entropy between the teacher's sharpened, centred softmax and the student's, over every pair of a global teacher
 view and a different student view. After the optimizer step the teacher moves towards the student (EMA, momentum on a
@@ -14,8 +15,9 @@ T = 0.07) of the teacher's held-out features against the training split's.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import crate_kernels
+from crate_kernels.models.common import pair
 from crate_kernels.models.dino import DINOHead, SelfDistillation
 from crate_kernels.train import distributed, streams
 from crate_kernels.train.augment import crop_box
@@ -49,12 +52,13 @@ BLUR_SIGMA = (0.1, 2.0)  # at 224 pixels; scaled with the image side
 
 @dataclass(frozen=True)
 class MultiCrop:
-    """Normalised images (b, C, H, W) → their views (2 + local, b, C, H, W), normalised, all at H × W.
+    """Normalised images (b, C, H, W) → their views, normalised, grouped by resolution (globals first):
+    ``[(2 + local, b, C, H, W)]`` when the local views are H × W, else ``[(2, b, C, H, W), (local, b, C, h, w)]``.
 
-    Each view: a random resized crop (area share in ``global_scale`` or ``local_scale``), a flip (with ``hflip``),
-    colour jitter, grayscale (colour images only), Gaussian blur, solarisation (second global view), with
-    upstream's probabilities. Local views are resampled to the model's side, not a smaller one (the registry models
-    take one input size). ``mean``/``std`` (C,): the images' normalisation.
+    Each view: a random resized crop (area share in ``global_scale`` or ``local_scale``) resampled to its size (H × W,
+    or ``local_size`` (h, w) for the local ones; None: H × W), a flip (with ``hflip``), colour jitter, grayscale
+    (colour images only), Gaussian blur, solarisation (second global view), with upstream's probabilities. The draws
+    do not depend on the sizes. ``mean``/``std`` (C,): the images' normalisation.
     """
 
     mean: torch.Tensor
@@ -63,6 +67,7 @@ class MultiCrop:
     global_scale: tuple[float, float]
     local_scale: tuple[float, float]
     hflip: bool
+    local_size: tuple[int, int] | None = None
 
     def kinds(self) -> list[tuple[tuple[float, float], tuple[float, float]]]:
         """(scale range, (blur p, solarize p)) of each view, globals first."""
@@ -70,8 +75,8 @@ class MultiCrop:
             (self.local_scale, LOCAL)
         ] * self.local_crops
 
-    def __call__(self, images: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        b, C, H, W = images.shape
+    def __call__(self, images: torch.Tensor, generators: list[torch.Generator]) -> list[torch.Tensor]:
+        b, _, H, W = images.shape
         kinds = self.kinds()
         V = len(kinds)
         theta, u = torch.zeros(V, b, 2, 3), torch.zeros(V, b, 9)
@@ -83,20 +88,51 @@ class MultiCrop:
                 theta[v, i, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * left + w) / W - 1])
                 theta[v, i, 1] = torch.tensor([0, h / H, (2 * top + h) / H - 1])
         mean, std = self.mean.to(images)[:, None, None], self.std.to(images)[:, None, None]
-        x = (images * std + mean).clamp(0, 1).expand(V, -1, -1, -1, -1).flatten(0, 1)
-        grid = F.affine_grid(theta.flatten(0, 1).to(images), [V * b, C, H, W], align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False).clamp(0, 1)
-        u = u.flatten(0, 1).to(images)
-        p_blur = torch.tensor([k[1][0] for k in kinds]).repeat_interleave(b).to(images)
-        p_solar = torch.tensor([k[1][1] for k in kinds]).repeat_interleave(b).to(images)
-        x = _jitter(x, u[:, 1:5])
-        if C == 3:
-            x = torch.where((u[:, 5] < GRAYSCALE)[:, None, None, None], _grey(x).expand_as(x), x)
-        sigma = (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7]) * H / 224
-        x = _blur(x, torch.where(u[:, 6] < p_blur, sigma, torch.zeros_like(sigma)), BLUR_SIGMA[1] * H / 224)
-        solar = u[:, 8] < p_solar
-        x = torch.where(solar[:, None, None, None] & (x >= 0.5), 1 - x, x)
-        return ((x - mean) / std).unflatten(0, (V, b))
+        pixels = (images * std + mean).clamp(0, 1)
+        sizes = [(H, W)] * GLOBAL_VIEWS + [self.local_size or (H, W)] * self.local_crops
+        groups, start = [], 0
+        for size, run in itertools.groupby(sizes):
+            stop = start + len(list(run))
+            x = _view(pixels, theta[start:stop], u[start:stop], kinds[start:stop], size)
+            groups.append(((x - mean) / std).unflatten(0, (stop - start, b)))
+            start = stop
+        return groups
+
+
+def _view(
+    pixels: torch.Tensor, theta: torch.Tensor, u: torch.Tensor, kinds: list, size: tuple[int, int]
+) -> torch.Tensor:
+    """Images (b, C, H, W) in [0, 1] → n views of each (n·b, C, h, w) in [0, 1]: crops ``theta`` (n, b, 2, 3)
+    resampled to ``size`` (h, w), then the colour operations of ``kinds`` (n of them) drawn from ``u`` (n, b, 9).
+    The blur's σ is in pixels of the H-pixel images at every size (upstream blurs its 96-pixel local crops with the
+    σ of its 224-pixel global ones)."""
+    (n, b), (C, H) = theta.shape[:2], pixels.shape[1:3]
+    x = pixels.expand(n, -1, -1, -1, -1).flatten(0, 1)
+    grid = F.affine_grid(theta.flatten(0, 1).to(pixels), [n * b, C, *size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False).clamp(0, 1)
+    u = u.flatten(0, 1).to(pixels)
+    p_blur = torch.tensor([k[1][0] for k in kinds]).repeat_interleave(b).to(pixels)
+    p_solar = torch.tensor([k[1][1] for k in kinds]).repeat_interleave(b).to(pixels)
+    x = _jitter(x, u[:, 1:5])
+    if C == 3:
+        x = torch.where((u[:, 5] < GRAYSCALE)[:, None, None, None], _grey(x).expand_as(x), x)
+    sigma = (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[:, 7]) * H / 224
+    x = _blur(x, torch.where(u[:, 6] < p_blur, sigma, torch.zeros_like(sigma)), BLUR_SIGMA[1] * H / 224)
+    solar = u[:, 8] < p_solar
+    return torch.where(solar[:, None, None, None] & (x >= 0.5), 1 - x, x)
+
+
+def local_size(cfg: TrainConfig, image_shape: tuple[int, int, int], patch_size) -> tuple[int, int]:
+    """The local views' (h, w): ``--task.dino_local_size`` (a square side), or each side 3/7 of the images' (upstream's
+    96 of 224) rounded to whole patches, at least 2 patches (a one-patch view has no layout: on 8 × 8 images with
+    4 × 4 patches the rule gives the full side), at most the full side. ValueError: not a multiple of the patch."""
+    (H, W), (ph, pw) = image_shape[1:], pair(patch_size)
+    side = cfg.task.dino_local_size
+    if side:
+        if side % ph or side % pw:
+            raise ValueError(f"--task.dino_local_size must be a multiple of the patch size {(ph, pw)}, got {side}")
+        return side, side
+    return tuple(p * min(n // p, max(2, round(3 * n / (7 * p)))) for n, p in ((H, ph), (W, pw)))
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -156,8 +192,8 @@ def dino_loss(
 def check(cfg: TrainConfig) -> None:
     """ValueError naming the flag of a ``--task.dino_*`` value that cannot work."""
     t = cfg.task
-    if min(t.dino_head) < 1 or t.dino_local_crops < 0:
-        raise ValueError(f"--task.dino_head must be >= 1 and --task.dino_local_crops >= 0, got {t.dino_head}")
+    if min(t.dino_head) < 1 or min(t.dino_local_crops, t.dino_local_size) < 0:
+        raise ValueError("--task.dino_head must be >= 1, --task.dino_local_crops and --task.dino_local_size >= 0")
     for name in ("global_scale", "local_scale"):
         lo, hi = getattr(t, f"dino_{name}")
         if not 0.0 < lo <= hi <= 1.0:
@@ -239,6 +275,8 @@ class DINO(Task):
                 crate_kernels.set_backend(backend)
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             raise ValueError(f"--task dino needs an image classifier as backbone; {type(model).__name__} is not one")
+        patch = getattr(model, "patch_size", None)  # an image classifier takes any multiple of its patch size
+        self.crops = replace(self.crops, local_size=local_size(self.cfg, self._image_shape, patch) if patch else None)
         width = features.shape[-1]
         hidden, bottleneck, prototypes = self.cfg.task.dino_head
         head = DINOHead(width, prototypes, hidden, bottleneck, batch_norm=self.cfg.task.dino_head_bn)

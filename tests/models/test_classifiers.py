@@ -1,6 +1,8 @@
 """The classifiers CRATE and CRATEAlpha against their upstream definitions in reference/: fp64 equality, state_dict
 both ways, both backends, presets, hooks, gradient checkpointing, torch.compile."""
 
+import math
+
 import pytest
 import torch
 
@@ -144,8 +146,10 @@ def test_classifier_rejects_bad_configs_and_images(family):
         cls(**{**TINY, "image_size": 9})
     with pytest.raises(ValueError, match="pool"):
         cls(**TINY, pool="max")
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         cls(**TINY)(torch.randn(2, 1, 8, 8))
+    with pytest.raises(ValueError, match=r"multiples of the patch size \(2, 2\), got \(2, 3, 8, 9\)"):
+        cls(**TINY)(torch.randn(2, 3, 8, 9))
 
 
 @pytest.mark.parametrize("name", ["crate_demo", "crate_alpha_demo"])
@@ -159,6 +163,40 @@ def test_classifier_compiles_fullgraph(name):
     torch.testing.assert_close(compiled(images), model(images))
     compiled(images).sum().backward()
     assert all(p.grad is not None for p in model.transformer.parameters())
+    small = images[:, :, :4, :6]  # another patch grid: the interpolated positions compile too
+    torch.testing.assert_close(compiled(small), model(small))
+
+
+def _bicubic_matrix(n_out: int, n_in: int) -> torch.Tensor:
+    """(n_out, n_in) weights of 1-D cubic convolution (a = −0.75, half-pixel centres, border indices clamped)."""
+    a, m = -0.75, torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        base = math.floor(src)
+        for j in range(base - 1, base + 3):
+            x = abs(src - j)
+            w = ((a + 2) * x - (a + 3)) * x * x + 1 if x <= 1 else ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+            m[i, min(max(j, 0), n_in - 1)] += w
+    return m
+
+
+@pytest.mark.parametrize("name", ["crate_demo", "crate_alpha_demo", "vit_demo"])
+def test_classifier_takes_other_image_sizes(name):
+    """Native size: ``pos_embedding`` itself; another multiple of the patch size: its patch part resized bicubically
+    (checked against a separable cubic convolution written here), the [CLS] position kept, gradients reaching it."""
+    crate_kernels.set_backend("torch")
+    model = create_model(name, depth=1, image_size=(8, 6))  # a (4, 3) grid of 2 × 2 patches
+    assert model.positions((4, 3)) is model.pos_embedding
+    table = model.pos_embedding.detach().double()
+    grid = table[0, 1:].reshape(4, 3, -1)
+    expected = torch.einsum("ah,hwd,bw->abd", _bicubic_matrix(6, 4), grid, _bicubic_matrix(2, 3)).reshape(12, -1)
+    resized = model.positions((6, 2))
+    assert resized.shape == (1, 13, table.shape[2]) and torch.equal(resized[0, 0], model.pos_embedding[0, 0])
+    torch.testing.assert_close(resized[0, 1:].double(), expected, rtol=1e-5, atol=1e-5)
+    images = torch.randn(3, 1, 12, 4, generator=seeded(0))
+    model(images).square().sum().backward()
+    assert model.pos_embedding.grad[0, 1:].abs().amax(1).gt(0).all()  # every patch position gets a gradient
+    assert model.pos_embedding.grad[0, 0].abs().amax() > 0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -50,7 +50,7 @@ def test_vit_classifier_hooks_and_grad_checkpointing():
 def test_vit_rejects_bad_configs_and_images():
     with pytest.raises(ValueError, match="divisible"):
         ViT(**{**TINY, "image_size": 9})
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, H, W\)"):
         ViT(**TINY)(torch.randn(2, 1, 8, 8))
 
 

@@ -1,5 +1,6 @@
 """The DINO objective's pieces against small hand-written checks: loss, centring, EMA, schedules, k-NN, views."""
 
+import dataclasses
 import math
 
 import pytest
@@ -17,6 +18,7 @@ from crate_kernels.train.dino import (
     DINO,
     dino_loss,
     knn_predict,
+    local_size,
     teacher_momentum,
     teacher_temperature,
     weight_decay,
@@ -161,15 +163,48 @@ def test_dino_knn_weighted_vote():
 
 
 def test_dino_views_are_per_sample_and_grayscale_safe():
-    """Each sample's views come from its own stream: the same in a batch of 4 or of 2; one channel works."""
+    """Each sample's views come from its own stream: the same in a batch of 4 or of 2; one channel works. The local
+    views at the default size (3/7 of 8 pixels in 2 × 2 patches: 4) are the full-size ones' crops, resampled smaller:
+    the same draws."""
     task, _, train_set = _setup(task__dino_local_crops=3)
+    assert task.crops.local_size == (4, 4)
     batch = train_set.batch(torch.tensor([5, 11, 2, 40]), epoch=3)
     views = task.crops(batch.inputs, streams.sample_generators("crops", 0, 3, samples=batch.ids))
-    assert views.shape == (5, 4, 1, 8, 8) and torch.isfinite(views).all()
+    assert [v.shape for v in views] == [(2, 4, 1, 8, 8), (3, 4, 1, 4, 4)]
+    assert all(torch.isfinite(v).all() for v in views)
     half = task.crops(batch.inputs[2:], streams.sample_generators("crops", 0, 3, samples=batch.ids[2:]))
-    torch.testing.assert_close(views[:, 2:], half, rtol=1e-6, atol=1e-6)
-    assert not torch.allclose(views[0], views[1])  # two different global views
-    assert not torch.allclose(views[0], batch.inputs)
+    for whole, part in zip(views, half, strict=True):
+        torch.testing.assert_close(whole[:, 2:], part, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(views[0][0], views[0][1])  # two different global views
+    assert not torch.allclose(views[0][0], batch.inputs)
+    full = dataclasses.replace(task.crops, local_size=None)
+    (same,) = full(batch.inputs, streams.sample_generators("crops", 0, 3, samples=batch.ids))
+    torch.testing.assert_close(same[:2], views[0], rtol=0, atol=0)
+    assert same.shape == (5, 4, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    ("image", "patch", "flag", "expected"),
+    [(8, 2, 0, (4, 4)), (8, 4, 0, (8, 8)), (64, 8, 0, (24, 24)), (224, 16, 0, (96, 96)), (8, 2, 6, (6, 6))],
+)
+def test_dino_local_size(image, patch, flag, expected):
+    cfg = _cfg(task__dino_local_size=flag)
+    assert local_size(cfg, (1, image, image), patch) == expected
+    with pytest.raises(ValueError, match="dino_local_size must be a multiple of the patch size"):
+        local_size(_cfg(task__dino_local_size=5), (1, 8, 8), 2)
+
+
+def test_dino_student_runs_each_resolution_and_the_teacher_the_globals():
+    task, model, train_set = _setup(task__dino_local_crops=2)
+    batch = train_set.batch(torch.tensor([0, 1, 2]), epoch=0)
+    views = task.crops(batch.inputs, streams.sample_generators("crops", 0, 0, samples=batch.ids))
+    student, teacher = model(views)
+    assert student.shape == (4, 3, 24) and teacher.shape == (2, 3, 24)
+    model.eval()  # BatchNorm with running statistics: each view's scores do not depend on the others
+    with torch.no_grad():
+        alone = model.head(model.backbone(views[1][0]))
+        torch.testing.assert_close(model(views)[0][2], alone)
+        torch.testing.assert_close(model(views)[1][0], model.teacher(views[0][0]))
 
 
 def test_dino_last_layer_frozen_in_the_first_epoch_and_weight_decay_scheduled():
