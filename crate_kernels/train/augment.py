@@ -127,6 +127,25 @@ def eval_transform(image: torch.Tensor, size: int) -> torch.Tensor:
 # ---- RandAugment ----
 
 
+def box_theta(
+    H: int, W: int, box: tuple[float, float, float, float], flip: bool, shift: tuple[float, float] = (0.0, 0.0)
+) -> torch.Tensor:
+    """The (2, 3) ``affine_grid`` matrix that resamples ``box`` (top, left, height, width) of an H × W image, mirrored
+    with ``flip`` and moved by ``shift`` (dy, dx) pixels (``affine_grid`` maps output to input in coordinates where
+    [-1, 1] spans the image)."""
+    (top, left, h, w), (dy, dx) = box, shift
+    return torch.tensor(
+        [[-w / W if flip else w / W, 0, (2 * (left - dx) + w) / W - 1], [0, h / H, (2 * (top - dy) + h) / H - 1]]
+    )
+
+
+def resample(images: torch.Tensor, theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Images (n, C, H, W) resampled through ``theta`` (n, 2, 3) to ``size`` (h, w): bilinear (fractional boxes of
+    small images), what falls outside an image the border reflected."""
+    grid = F.affine_grid(theta.to(images), [*images.shape[:2], *size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
 def _affine(image: torch.Tensor, matrix: list[float]) -> torch.Tensor:
     """``image`` (C, H, W) sampled at ``matrix`` (2 × 3, normalised output -> input coordinates); nearest, black."""
     theta = torch.tensor(matrix, dtype=image.dtype).view(1, 2, 3)

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from crate_kernels.train import folder, shapes, streams
 from crate_kernels.train.augment import (
     Augment,
+    box_theta,
     crop_and_flip,
     draw_shift,
     eval_transform,
     rand_augment,
+    resample,
     resize,
     train_transform,
 )
@@ -111,17 +112,13 @@ class ImageSet:
 def _augmented(images: torch.Tensor, ids: torch.Tensor, epoch: int, augment: Augment) -> torch.Tensor:
     """Each image (b, C, H, W) resampled at its crop box and shift (fractional: these images are small) and flip;
     what a shift or a crop brings in from outside the image is the border reflected."""
-    b, _, H, W = images.shape
-    theta = torch.zeros(b, 2, 3)
+    H, W = images.shape[-2:]
     generators = [augment.generator(epoch, int(i)) for i in ids]
-    for k, g in enumerate(generators):
-        (top, left, h, w), flip = crop_and_flip(H, W, augment, g, whole_pixels=False)
-        dy, dx = draw_shift(H, W, augment.translate, g)
-        # affine_grid maps output to input in coordinates where [-1, 1] spans the image.
-        theta[k, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * (left - dx) + w) / W - 1])
-        theta[k, 1] = torch.tensor([0, h / H, (2 * (top - dy) + h) / H - 1])
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    theta = []
+    for g in generators:
+        box, flip = crop_and_flip(H, W, augment, g, whole_pixels=False)
+        theta.append(box_theta(H, W, box, flip, draw_shift(H, W, augment.translate, g)))
+    out = resample(images, torch.stack(theta), (H, W))
     if augment.randaugment:
         ops, magnitude = augment.randaugment, augment.magnitude
         out = torch.stack([rand_augment(x, ops, magnitude, g) for x, g in zip(out, generators, strict=True)])

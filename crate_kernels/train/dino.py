@@ -28,7 +28,7 @@ import crate_kernels
 from crate_kernels.models.common import pair
 from crate_kernels.models.dino import DINOHead, SelfDistillation
 from crate_kernels.train import distributed, streams
-from crate_kernels.train.augment import crop_box
+from crate_kernels.train.augment import box_theta, crop_box, resample
 from crate_kernels.train.config import TrainConfig
 from crate_kernels.train.data import Batch, DataSet
 from crate_kernels.train.distributed import Context
@@ -82,11 +82,9 @@ class MultiCrop:
         theta, u = torch.zeros(V, b, 2, 3), torch.zeros(V, b, 9)
         for i, g in enumerate(generators):  # every view of a sample from its own stream, views in order
             for v, (scale, _) in enumerate(kinds):
-                top, left, h, w = crop_box(H, W, scale[0], g, whole_pixels=False, max_scale=scale[1])
+                box = crop_box(H, W, scale[0], g, whole_pixels=False, max_scale=scale[1])
                 u[v, i] = torch.rand(9, generator=g)  # flip, jitter (4), grey, blur (2), solarize
-                flip = self.hflip and u[v, i, 0] < 0.5
-                theta[v, i, 0] = torch.tensor([-w / W if flip else w / W, 0, (2 * left + w) / W - 1])
-                theta[v, i, 1] = torch.tensor([0, h / H, (2 * top + h) / H - 1])
+                theta[v, i] = box_theta(H, W, box, self.hflip and bool(u[v, i, 0] < 0.5))
         mean, std = self.mean.to(images)[:, None, None], self.std.to(images)[:, None, None]
         pixels = (images * std + mean).clamp(0, 1)
         sizes = [(H, W)] * GLOBAL_VIEWS + [self.local_size or (H, W)] * self.local_crops
@@ -107,9 +105,7 @@ def _view(
     The blur's σ is in pixels of the H-pixel images at every size (upstream blurs its 96-pixel local crops with the
     σ of its 224-pixel global ones)."""
     (n, b), (C, H) = theta.shape[:2], pixels.shape[1:3]
-    x = pixels.expand(n, -1, -1, -1, -1).flatten(0, 1)
-    grid = F.affine_grid(theta.flatten(0, 1).to(pixels), [n * b, C, *size], align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False).clamp(0, 1)
+    x = resample(pixels.expand(n, -1, -1, -1, -1).flatten(0, 1), theta.flatten(0, 1), size).clamp(0, 1)
     u = u.flatten(0, 1).to(pixels)
     p_blur = torch.tensor([k[1][0] for k in kinds]).repeat_interleave(b).to(pixels)
     p_solar = torch.tensor([k[1][1] for k in kinds]).repeat_interleave(b).to(pixels)
