@@ -143,7 +143,7 @@ def model_to_measure(name: str | None, model_args: str, checkpoint: str | None) 
     return subject._replace(origin=f"{saved} {subject.origin}")
 
 
-def _data_config(data: str | None, run_data: DataConfig | None, text: bool) -> DataConfig:
+def data_config(data: str | None, run_data: DataConfig | None, text: bool) -> DataConfig:
     """``--data`` as crate-train reads it, on a run folder's data settings; by default its data, else a demo set."""
     base = run_data or DataConfig(name=TASK_DEFAULTS["lm" if text else "classify"][1])
     return dataclasses.replace(base, name=data) if data else base
@@ -190,7 +190,7 @@ def _measure(args: argparse.Namespace) -> None:
     model, origin, run_data = model_to_measure(args.model, args.model_args, args.checkpoint)
     name = model.config["name"]
     model = model.to(device)
-    data = _data_config(args.data, run_data, hasattr(model, "vocab_size"))
+    data = data_config(args.data, run_data, hasattr(model, "vocab_size"))
     inputs = load_inputs(model, data, args.batch_size, args.seed).to(device)
     rows = layerwise(model, inputs)
     out = Path(args.out)

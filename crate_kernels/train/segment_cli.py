@@ -23,7 +23,7 @@ from crate_kernels.plots import image_grid, overlay_masks
 from crate_kernels.segment import attention_masks, corloc, mask_iou, segment, to_pixels
 from crate_kernels.train.data import ImageSet, load_dataset
 from crate_kernels.train.faults import one_line_errors
-from crate_kernels.train.measure_cli import _data_config, model_to_measure
+from crate_kernels.train.measure_cli import data_config, model_to_measure
 
 METHODS = ("attention", "maskcut")
 SHOWN = 8  # images per overlay picture
@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _held_out(args: argparse.Namespace, run_data, model: torch.nn.Module) -> tuple[ImageSet, torch.Tensor]:
-    data = _data_config(args.data, run_data, text=False)
+    data = data_config(args.data, run_data, text=False)
     _, val = load_dataset(data, text=False)
     if getattr(val, "masks", None) is None:
         raise ValueError(f"--data {data.name}: no object masks to score against; use --data shapes")
@@ -96,11 +96,15 @@ def _segment(args: argparse.Namespace) -> None:
             if labelled:
                 correct += int((model(batch.inputs).argmax(-1) == batch.targets).sum())
         truth = val.masks[chunk]
-        predicted = {m: segment(model, batch.inputs, m, **options).cpu() for m in METHODS}
+        attention = attention_masks(model, batch.inputs, args.keep)  # its union is segment(..., "attention")
+        predicted = {
+            "attention": to_pixels(attention.union, batch.inputs.shape[-2:]).cpu(),
+            "maskcut": segment(model, batch.inputs, "maskcut", tau=args.tau, num_objects=args.num_objects).cpu(),
+        }
         for m in METHODS:
             iou[m].append(mask_iou(predicted[m], truth > 0))
             hits[m].append(corloc(predicted[m], truth))
-        heads = to_pixels(attention_masks(model, batch.inputs, args.keep).heads.cpu(), truth.shape[-2:])
+        heads = to_pixels(attention.heads.cpu(), truth.shape[-2:])
         head_iou.append(torch.stack([mask_iou(h, truth > 0) for h in heads.unbind(1)], 1))  # (b, H)
         if k < args.overlays:
             images = val.images[chunk[:SHOWN]]
